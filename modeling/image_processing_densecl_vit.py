@@ -1,0 +1,150 @@
+"""Image processor for DenseCL-ViT: resize, rescale, normalise, plus the post-processing the pipelines call."""
+
+import numpy as np
+import torch
+from PIL import Image
+
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+
+IMAGENET_DEFAULT_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_DEFAULT_STD = [0.229, 0.224, 0.225]
+_RESAMPLE = {
+    "nearest": Image.NEAREST,
+    "bilinear": Image.BILINEAR,
+    "bicubic": Image.BICUBIC,
+    0: Image.NEAREST,
+    2: Image.BILINEAR,
+    3: Image.BICUBIC,
+}
+
+
+def _to_pil(image) -> Image.Image:
+    """PIL image, (H, W[, C]) / (C, H, W) array or tensor -> RGB PIL image."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB") if image.mode != "RGB" else image
+    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = array.transpose(1, 2, 0)
+    if array.dtype != np.uint8:
+        # Floats in [0, 1] are scaled; anything else is clipped to the uint8 range.
+        array = array * 255.0 if array.dtype.kind == "f" and array.max(initial=0) <= 1.0 else array
+        array = np.clip(array, 0, 255).round().astype(np.uint8)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    return Image.fromarray(array).convert("RGB")
+
+
+class DenseCLViTImageProcessor(BaseImageProcessor):
+    r"""
+    Turns images into the normalised `pixel_values` a DenseCL-ViT model takes.
+
+    Args:
+        do_resize (`bool`, *optional*, defaults to `True`):
+            Whether to resize the images.
+        size (`dict`, *optional*, defaults to `{"height": 224, "width": 224}`):
+            Either `{"height": h, "width": w}` (a fixed size) or `{"shortest_edge": s}` (keeps the aspect ratio).
+        resample (`str` or `int`, *optional*, defaults to `"bicubic"`):
+            Resampling filter: `"nearest"`, `"bilinear"` or `"bicubic"`.
+        size_divisor (`int`, *optional*, defaults to 16):
+            Output height and width are rounded to a multiple of this (the patch size).
+        do_rescale (`bool`, *optional*, defaults to `True`):
+            Whether to multiply pixel values by `rescale_factor`.
+        rescale_factor (`float`, *optional*, defaults to 1/255):
+            Scale that maps uint8 pixels to [0, 1].
+        do_normalize (`bool`, *optional*, defaults to `True`):
+            Whether to subtract `image_mean` and divide by `image_std`.
+        image_mean (`list[float]`, *optional*, defaults to the ImageNet mean):
+            Per-channel mean.
+        image_std (`list[float]`, *optional*, defaults to the ImageNet standard deviation):
+            Per-channel standard deviation.
+    """
+
+    model_input_names = ["pixel_values"]
+
+    def __init__(
+        self,
+        do_resize: bool = True,
+        size: dict[str, int] | None = None,
+        resample: str | int = "bicubic",
+        size_divisor: int = 16,
+        do_rescale: bool = True,
+        rescale_factor: float = 1 / 255,
+        do_normalize: bool = True,
+        image_mean: list[float] | None = None,
+        image_std: list[float] | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.do_resize = do_resize
+        self.size = dict(size) if size is not None else {"height": 224, "width": 224}
+        self.resample = resample
+        self.size_divisor = size_divisor
+        self.do_rescale = do_rescale
+        self.rescale_factor = rescale_factor
+        self.do_normalize = do_normalize
+        self.image_mean = list(image_mean) if image_mean is not None else list(IMAGENET_DEFAULT_MEAN)
+        self.image_std = list(image_std) if image_std is not None else list(IMAGENET_DEFAULT_STD)
+        if not ({"height", "width"} <= self.size.keys() or "shortest_edge" in self.size):
+            raise ValueError(f"size must be {{'height', 'width'}} or {{'shortest_edge'}}, got {self.size}.")
+        if self.resample not in _RESAMPLE:
+            raise ValueError(f"resample must be 'nearest', 'bilinear' or 'bicubic', got {self.resample!r}.")
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) an image of the given size is resized to."""
+        if "shortest_edge" in self.size:
+            scale = self.size["shortest_edge"] / min(height, width)
+            height, width = height * scale, width * scale
+        else:
+            height, width = self.size["height"], self.size["width"]
+        div = self.size_divisor or 1
+        return max(div, int(round(height / div)) * div), max(div, int(round(width / div)) * div)
+
+    def _preprocess_one(self, image, do_resize: bool, do_rescale: bool, do_normalize: bool) -> np.ndarray:
+        pil = _to_pil(image)
+        if do_resize:
+            height, width = self.output_size(pil.height, pil.width)
+            if (height, width) != (pil.height, pil.width):
+                pil = pil.resize((width, height), resample=_RESAMPLE[self.resample])
+        array = np.asarray(pil, dtype=np.float32)
+        if do_rescale:
+            array = array * self.rescale_factor
+        if do_normalize:
+            array = (array - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
+        return array.transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+
+    def preprocess(
+        self,
+        images,
+        return_tensors: str | None = None,
+        do_resize: bool | None = None,
+        do_rescale: bool | None = None,
+        do_normalize: bool | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        """One image or a list of images -> `BatchFeature` with `pixel_values` (B, 3, H, W)."""
+        if isinstance(images, (Image.Image, np.ndarray, torch.Tensor)) and not (
+            not isinstance(images, Image.Image) and np.ndim(images) == 4
+        ):
+            images = [images]
+        arrays = [
+            self._preprocess_one(
+                image,
+                self.do_resize if do_resize is None else do_resize,
+                self.do_rescale if do_rescale is None else do_rescale,
+                self.do_normalize if do_normalize is None else do_normalize,
+            )
+            for image in images
+        ]
+        shapes = {a.shape for a in arrays}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"images were resized to different sizes {sorted(shapes)}; use a fixed size "
+                "{'height': h, 'width': w} to batch them, or pass them one at a time."
+            )
+        return BatchFeature(data={"pixel_values": np.stack(arrays)}, tensor_type=return_tensors)
+
+    def __call__(self, images, **kwargs) -> BatchFeature:
+        return self.preprocess(images, **kwargs)
+
+
+__all__ = ["DenseCLViTImageProcessor"]

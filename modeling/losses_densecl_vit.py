@@ -1,0 +1,338 @@
+"""Losses of DenseCL-ViT: local-to-global and global contrastive pre-training losses, depth losses.
+
+This file imports only torch: it travels as Hub remote code next to the modeling file.
+
+- [0] Rabarisoa et al., "Self-Supervised Pre-training of Vision Transformers for Dense Prediction Tasks",
+  2022, https://arxiv.org/abs/2205.15173 (section 3: local-to-global loss; equation 1: global InfoNCE).
+- [1] Chen et al., "A Simple Framework for Contrastive Learning of Visual Representations" (SimCLR), 2020,
+  https://arxiv.org/abs/2002.05709 (NT-Xent).
+- [2] Laina et al., "Deeper Depth Prediction with Fully Convolutional Residual Networks", 2016,
+  https://arxiv.org/abs/1606.00373 (berHu loss).
+
+The contrastive losses work on log-sum-exp only and never exponentiate a logit, so bf16/fp16 embeddings
+cannot overflow; the logits are taken to float32 (or wider) after the matrix product.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "berhu_loss",
+    "gather_with_grad",
+    "global_info_nce",
+    "gradient_loss",
+    "local_global_info_nce",
+    "rank_batch_offset",
+    "symmetric_local_global_loss",
+]
+
+
+def _check_temperature(temperature: float) -> None:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}; use a positive value such as 0.1.")
+
+
+def _check_negatives(
+    negatives: torch.Tensor, batch_size: int, batch_offset: int, dim: int, name: str
+) -> None:
+    if negatives.shape[-1] != dim:
+        raise ValueError(
+            f"{name} has feature size {negatives.shape[-1]} but the anchors have {dim}; pass embeddings "
+            "from the same projection."
+        )
+    if batch_offset < 0 or batch_offset + batch_size > negatives.shape[0]:
+        raise ValueError(
+            f"batch_offset={batch_offset} with a local batch of {batch_size} does not fit inside the "
+            f"{negatives.shape[0]} rows of {name}; pass rank * local batch size."
+        )
+
+
+def _logits(similarity: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Similarities in at least float32 (float64 stays float64), divided by the temperature."""
+    return similarity.to(torch.promote_types(similarity.dtype, torch.float32)) / temperature
+
+
+def _own_row_mask(batch_size: int, num_rows: int, batch_offset: int, device: torch.device) -> torch.Tensor:
+    """(B, num_rows) boolean mask, True at column batch_offset + b of row b (the anchor's own image)."""
+    rows = torch.arange(batch_size, device=device)
+    mask = torch.zeros(batch_size, num_rows, dtype=torch.bool, device=device)
+    mask[rows, rows + batch_offset] = True
+    return mask
+
+
+def local_global_info_nce(
+    global_embeddings: torch.Tensor,
+    local_embeddings: torch.Tensor,
+    temperature: float = 0.1,
+    negative_local_embeddings: torch.Tensor | None = None,
+    batch_offset: int = 0,
+) -> torch.Tensor:
+    """Local-to-global InfoNCE loss of [0], section 3, for one direction (global of view 1, patches of view 2).
+
+    For image b with global embedding z and the N patch embeddings z_i+ of its other view,
+    l_i = -log(e^{z.z_i+/t} / (e^{z.z_i+/t} + sum_{z- in N(z)} e^{z.z-/t})), where N(z) holds every patch
+    embedding of the other images of the batch (same view as the positives): (B - 1) * N negatives. Each
+    positive has its own denominator. The image loss is the mean over its N patches, the batch loss the
+    mean over images. With B = 1 and no gathered negatives the denominator holds only the positive, so
+    the loss is exactly 0.
+
+    Args:
+        global_embeddings: (B, D) L2-normalised global ([CLS]) embeddings of one view.
+        local_embeddings: (B, N, D) L2-normalised patch embeddings of the other view (the positives).
+        temperature: softmax temperature t > 0.
+        negative_local_embeddings: optional (B_all, N, D) patch embeddings gathered from every process
+            (see `gather_with_grad`), same view as `local_embeddings`. When given, negatives come from it,
+            leaving out row batch_offset + b for anchor b (its own image); the rows of the other images of
+            this process stay negatives.
+        batch_offset: index of this process's first image in `negative_local_embeddings` (ignored
+            without it).
+
+    Returns:
+        Scalar loss, float32 for half-precision inputs (float64 stays float64).
+    """
+    _check_temperature(temperature)
+    if global_embeddings.ndim != 2 or local_embeddings.ndim != 3:
+        raise ValueError(
+            f"expected global_embeddings (B, D) and local_embeddings (B, N, D), got "
+            f"{tuple(global_embeddings.shape)} and {tuple(local_embeddings.shape)}."
+        )
+    batch_size, dim = global_embeddings.shape
+    if local_embeddings.shape[0] != batch_size or local_embeddings.shape[2] != dim:
+        raise ValueError(
+            f"local_embeddings {tuple(local_embeddings.shape)} must be (B, N, D) = ({batch_size}, N, {dim}) "
+            f"to match global_embeddings {tuple(global_embeddings.shape)}."
+        )
+    if negative_local_embeddings is None:
+        negatives, batch_offset = local_embeddings, 0
+    else:
+        if negative_local_embeddings.ndim != 3:
+            raise ValueError(
+                f"negative_local_embeddings must be (B_all, N, D), got {tuple(negative_local_embeddings.shape)}."
+            )
+        _check_negatives(
+            negative_local_embeddings, batch_size, batch_offset, dim, "negative_local_embeddings"
+        )
+        negatives = negative_local_embeddings
+
+    # (B, N): similarity of each global embedding with the patches of its own other view.
+    positives = _logits(torch.einsum("bd,bnd->bn", global_embeddings, local_embeddings), temperature)
+    # (B, B_all, N): similarity with every patch of every image; the anchor's own image is no negative.
+    logits = _logits(torch.einsum("bd,knd->bkn", global_embeddings, negatives), temperature)
+    own = _own_row_mask(batch_size, negatives.shape[0], batch_offset, logits.device)
+    logits = logits.masked_fill(own[:, :, None], float("-inf"))
+    lse_negatives = torch.logsumexp(logits.flatten(1), dim=1)  # (B,), shared by the N positives
+    losses = torch.logaddexp(positives, lse_negatives[:, None]) - positives  # (B, N)
+    return losses.mean()
+
+
+def symmetric_local_global_loss(
+    global_embeddings_1: torch.Tensor,
+    local_embeddings_1: torch.Tensor,
+    global_embeddings_2: torch.Tensor,
+    local_embeddings_2: torch.Tensor,
+    temperature: float = 0.1,
+    negative_local_embeddings_1: torch.Tensor | None = None,
+    negative_local_embeddings_2: torch.Tensor | None = None,
+    batch_offset: int = 0,
+) -> torch.Tensor:
+    """Local-to-global loss of [0] made symmetric by swapping the views: 0.5 * (L(g1, l2) + L(g2, l1)).
+
+    Args:
+        global_embeddings_1: (B, D) global embeddings of view 1.
+        local_embeddings_1: (B, N, D) patch embeddings of view 1.
+        global_embeddings_2: (B, D) global embeddings of view 2.
+        local_embeddings_2: (B, N, D) patch embeddings of view 2.
+        temperature: softmax temperature > 0.
+        negative_local_embeddings_1: optional (B_all, N, D) gathered patch embeddings of view 1.
+        negative_local_embeddings_2: optional (B_all, N, D) gathered patch embeddings of view 2.
+        batch_offset: index of this process's first image in the gathered tensors.
+
+    Returns:
+        Scalar loss, float32 for half-precision inputs (float64 stays float64).
+    """
+    if (negative_local_embeddings_1 is None) != (negative_local_embeddings_2 is None):
+        raise ValueError("pass both negative_local_embeddings_1 and negative_local_embeddings_2, or neither.")
+    loss_12 = local_global_info_nce(
+        global_embeddings_1, local_embeddings_2, temperature, negative_local_embeddings_2, batch_offset
+    )
+    loss_21 = local_global_info_nce(
+        global_embeddings_2, local_embeddings_1, temperature, negative_local_embeddings_1, batch_offset
+    )
+    return 0.5 * (loss_12 + loss_21)
+
+
+def global_info_nce(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    temperature: float = 0.1,
+    negative_z1: torch.Tensor | None = None,
+    negative_z2: torch.Tensor | None = None,
+    batch_offset: int = 0,
+) -> torch.Tensor:
+    """Global InfoNCE (NT-Xent) of SimCLR [1], equation 1 of [0]: the baseline loss for ablations.
+
+    The 2B embeddings are anchors; the positive of each is the other view of its image, the negatives are
+    the 2B - 2 other embeddings (both views of the other images). The loss is the mean over the 2B anchors;
+    with B = 1 and no gathered negatives it is exactly 0.
+
+    Args:
+        z1: (B, D) L2-normalised global embeddings of view 1.
+        z2: (B, D) L2-normalised global embeddings of view 2.
+        temperature: softmax temperature > 0.
+        negative_z1: optional (B_all, D) view-1 embeddings gathered from every process.
+        negative_z2: optional (B_all, D) view-2 embeddings gathered from every process. When given, the
+            negatives of anchor b are all gathered rows except row batch_offset + b of both views.
+        batch_offset: index of this process's first image in the gathered tensors (ignored without them).
+
+    Returns:
+        Scalar loss, float32 for half-precision inputs (float64 stays float64).
+    """
+    _check_temperature(temperature)
+    if z1.ndim != 2 or z1.shape != z2.shape:
+        raise ValueError(f"z1 and z2 must both be (B, D), got {tuple(z1.shape)} and {tuple(z2.shape)}.")
+    if (negative_z1 is None) != (negative_z2 is None):
+        raise ValueError("pass both negative_z1 and negative_z2, or neither.")
+    batch_size, dim = z1.shape
+    if negative_z1 is None:
+        negative_z1, negative_z2, batch_offset = z1, z2, 0
+    else:
+        if negative_z1.ndim != 2 or negative_z1.shape != negative_z2.shape:
+            raise ValueError(
+                f"negative_z1 and negative_z2 must both be (B_all, D), got {tuple(negative_z1.shape)} and "
+                f"{tuple(negative_z2.shape)}."
+            )
+        _check_negatives(negative_z1, batch_size, batch_offset, dim, "negative_z1")
+
+    anchors = torch.cat([z1, z2])  # (2B, D)
+    positives = _logits((z1 * z2).sum(-1), temperature).repeat(2)  # (2B,)
+    candidates = torch.stack([negative_z1, negative_z2], dim=1)  # (B_all, 2, D)
+    # (2B, B_all, 2): both views of the anchor's own image (itself and its positive) are no negatives.
+    logits = _logits(torch.einsum("ad,kvd->akv", anchors, candidates), temperature)
+    own = _own_row_mask(batch_size, candidates.shape[0], batch_offset, logits.device).repeat(2, 1)
+    logits = logits.masked_fill(own[:, :, None], float("-inf"))
+    lse_negatives = torch.logsumexp(logits.flatten(1), dim=1)  # (2B,)
+    return (torch.logaddexp(positives, lse_negatives) - positives).mean()
+
+
+def berhu_loss(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    valid_mask: torch.Tensor,
+    threshold: float = 0.2,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Reverse Huber (berHu) loss [2] on the residual x = prediction - target over the valid pixels.
+
+    c = threshold * max |x| over the valid pixels of the batch (detached, at least `eps`); the loss of a
+    pixel is |x| where |x| <= c and (x^2 + c^2) / (2c) elsewhere (continuous at c), averaged over the
+    valid pixels. Invalid pixels may hold any value, NaN included. An empty mask gives 0 (with a graph).
+
+    Args:
+        prediction: (B, H, W) predicted depth.
+        target: (B, H, W) ground-truth depth.
+        valid_mask: (B, H, W) boolean, True where the ground truth is valid.
+        threshold: fraction of the largest residual where the loss turns quadratic, > 0.
+        eps: lower bound of c, > 0, so an all-zero residual gives no NaN.
+
+    Returns:
+        Scalar loss.
+    """
+    _check_depth_inputs(prediction, target, valid_mask)
+    if threshold <= 0 or eps <= 0:
+        raise ValueError(f"threshold and eps must be > 0, got threshold={threshold}, eps={eps}.")
+    valid_mask = valid_mask.bool()
+    residual = prediction[valid_mask] - target[valid_mask]  # (M,)
+    if residual.numel() == 0:
+        return residual.sum()
+    abs_residual = residual.abs()
+    c = (threshold * abs_residual.max()).detach().clamp_min(eps)
+    quadratic = (residual.square() + c.square()) / (2 * c)
+    return torch.where(abs_residual <= c, abs_residual, quadratic).mean()
+
+
+def gradient_loss(prediction: torch.Tensor, target: torch.Tensor, valid_mask: torch.Tensor) -> torch.Tensor:
+    """L2 loss on image gradients: mean squared finite difference of d = prediction - target.
+
+    Horizontal and vertical differences d[y, x+1] - d[y, x] and d[y+1, x] - d[y, x] count only where both
+    pixels are valid; the loss is the mean over all such pairs (0 when there is none). A prediction that
+    differs from the truth by a constant has zero loss.
+
+    Args:
+        prediction: (B, H, W) predicted depth.
+        target: (B, H, W) ground-truth depth.
+        valid_mask: (B, H, W) boolean, True where the ground truth is valid.
+
+    Returns:
+        Scalar loss.
+    """
+    _check_depth_inputs(prediction, target, valid_mask)
+    valid_mask = valid_mask.bool()
+    diff = prediction - target
+    grad_x = (diff[:, :, 1:] - diff[:, :, :-1])[valid_mask[:, :, 1:] & valid_mask[:, :, :-1]]
+    grad_y = (diff[:, 1:, :] - diff[:, :-1, :])[valid_mask[:, 1:, :] & valid_mask[:, :-1, :]]
+    squares = torch.cat([grad_x, grad_y]).square()
+    if squares.numel() == 0:
+        return squares.sum()
+    return squares.mean()
+
+
+def _check_depth_inputs(prediction: torch.Tensor, target: torch.Tensor, valid_mask: torch.Tensor) -> None:
+    if prediction.ndim != 3 or prediction.shape != target.shape or prediction.shape != valid_mask.shape:
+        raise ValueError(
+            f"prediction, target and valid_mask must all be (B, H, W), got {tuple(prediction.shape)}, "
+            f"{tuple(target.shape)} and {tuple(valid_mask.shape)}."
+        )
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward hands every rank the summed gradient of its own slice.
+
+    Each rank's loss uses the gathered tensor, so the gradient of rank r's slice is the sum of the
+    gradients that every rank computed for it: all-reduce the full gradient, then keep the own slice.
+    Returning only the local gradient (no sum) silently drops the other ranks' negatives' contributions.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.batch_size = tensor.shape[0]
+        gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, tensor.contiguous())
+        return torch.cat(gathered)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+        grad = grad_output.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = dist.get_rank() * ctx.batch_size
+        return grad[start : start + ctx.batch_size]
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """All-gather `tensor` from every process along dim 0, with gradients flowing back to every rank.
+
+    Every process must hold the same number of rows. Under DDP (gradients averaged over the W ranks), a
+    loss that is the mean over this rank's images with negatives from the gathered tensor gives the same
+    gradient as one process on the concatenated batch. Returns `tensor` unchanged when torch.distributed
+    is not initialised or the world size is 1.
+
+    Args:
+        tensor: (B, ...) this process's rows.
+
+    Returns:
+        (W * B, ...) rows of every process in rank order; this process's rows start at
+        `rank_batch_offset(B)`.
+    """
+    if not _is_distributed():
+        return tensor
+    return _GatherWithGrad.apply(tensor)
+
+
+def rank_batch_offset(batch_size: int) -> int:
+    """Index of this process's first row in a `gather_with_grad` output: rank * batch_size (0 alone)."""
+    return dist.get_rank() * batch_size if _is_distributed() else 0

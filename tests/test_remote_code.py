@@ -1,0 +1,63 @@
+"""A saved folder loads through the Auto classes with trust_remote_code, in a process without densecl_vit."""
+
+import json
+
+import numpy as np
+import torch
+
+from densecl_vit import DenseCLViTImageProcessor, DenseCLViTModel
+
+
+def test_folder_loads_as_remote_code_in_fresh_process(tmp_path, tiny, isolated):
+    torch.manual_seed(0)
+    model = DenseCLViTModel(tiny()).eval()
+    processor = DenseCLViTImageProcessor(size={"height": 32, "width": 48}, size_divisor=8)
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] == "modeling_densecl_vit.DenseCLViTModel"
+    assert (folder / "modeling_densecl_vit.py").exists() and (folder / "model.safetensors").exists()
+
+    image = (np.arange(40 * 60 * 3) % 251).astype(np.uint8).reshape(40, 60, 3)
+    np.save(tmp_path / "image.npy", image)
+    with torch.no_grad():
+        expected = model(**processor(image, return_tensors="pt")).last_hidden_state
+    torch.save(expected, tmp_path / "expected.pt")
+
+    result = isolated(
+        f"""
+        import numpy as np, torch
+        from transformers import AutoConfig, AutoImageProcessor, AutoModel
+        try:
+            import densecl_vit
+            raise SystemExit("densecl_vit should not be importable here")
+        except ImportError:
+            pass
+        folder = {str(folder)!r}
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+        assert type(config).__name__ == "DenseCLViTConfig", type(config)
+        processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+        model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        image = np.load({str(tmp_path / "image.npy")!r})
+        with torch.no_grad():
+            out = model(**processor(image, return_tensors="pt")).last_hidden_state
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        print("shape", tuple(out.shape), "diff", (out - expected).abs().max().item())
+        assert torch.allclose(out, expected, atol=1e-6)
+        """,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "shape (1, 25, 32)" in result.stdout
+
+
+def test_auto_classes_load_in_process_without_remote_code(tmp_path, tiny):
+    from transformers import AutoConfig, AutoModel
+
+    folder = tmp_path / "model"
+    DenseCLViTModel(tiny()).save_pretrained(folder)
+    assert type(AutoConfig.from_pretrained(folder)).__name__ == "DenseCLViTConfig"
+    assert isinstance(AutoModel.from_pretrained(folder), DenseCLViTModel)
