@@ -4,11 +4,26 @@
 # tool imports the repository folder itself as a package.
 from densecl_vit.modeling import (
     DenseCLViTConfig,
+    DenseCLViTForDepthEstimation,
+    DenseCLViTForPreTraining,
+    DenseCLViTForSemanticSegmentation,
     DenseCLViTImageProcessor,
     DenseCLViTModel,
     DenseCLViTPreTrainedModel,
+    DenseCLViTPreTrainingOutput,
+    DenseCLViTUperNetDecoder,
 )
 
 __version__ = "0.1.0"
 
-__all__ = ["DenseCLViTConfig", "DenseCLViTImageProcessor", "DenseCLViTModel", "DenseCLViTPreTrainedModel"]
+__all__ = [
+    "DenseCLViTConfig",
+    "DenseCLViTForDepthEstimation",
+    "DenseCLViTForPreTraining",
+    "DenseCLViTForSemanticSegmentation",
+    "DenseCLViTImageProcessor",
+    "DenseCLViTModel",
+    "DenseCLViTPreTrainedModel",
+    "DenseCLViTPreTrainingOutput",
+    "DenseCLViTUperNetDecoder",
+]

@@ -3,7 +3,6 @@
 import numpy as np
 import torch
 from PIL import Image
-
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
 IMAGENET_DEFAULT_MEAN = [0.485, 0.456, 0.406]
@@ -145,6 +144,60 @@ class DenseCLViTImageProcessor(BaseImageProcessor):
 
     def __call__(self, images, **kwargs) -> BatchFeature:
         return self.preprocess(images, **kwargs)
+
+    def post_process_semantic_segmentation(
+        self, outputs, target_sizes: list[tuple[int, int]] | torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """Segmentation maps from a model's `logits` (B, K, h, w): one (H, W) tensor of class ids per image.
+
+        Logits are resized bilinearly to each target size (height, width) before the argmax, as transformers'
+        BEiT and SegFormer processors do; without target sizes the maps keep the logits' size.
+        """
+        logits = outputs.logits
+        sizes = _target_sizes(target_sizes, len(logits))
+        maps = []
+        for image_logits, size in zip(logits, sizes):
+            if size is not None:
+                image_logits = _resize(image_logits[None], size)[0]
+            maps.append(image_logits.argmax(dim=0))
+        return maps
+
+    def post_process_depth_estimation(
+        self, outputs, target_sizes: list[tuple[int, int]] | torch.Tensor | None = None
+    ) -> list[dict[str, torch.Tensor]]:
+        """Depth maps from a model's `predicted_depth` (B, h, w): one `{"predicted_depth": (H, W)}` per image,
+        the format transformers' depth-estimation pipeline reads.
+
+        Resizing is bilinear rather than DPT's bicubic: bicubic overshoots at depth edges and can leave the
+        (min_depth, max_depth) range the model's output is confined to.
+        """
+        predicted_depth = outputs.predicted_depth
+        sizes = _target_sizes(target_sizes, len(predicted_depth))
+        results = []
+        for depth, size in zip(predicted_depth, sizes):
+            if size is not None:
+                depth = _resize(depth[None, None], size)[0, 0]
+            results.append({"predicted_depth": depth})
+        return results
+
+
+def _target_sizes(target_sizes, batch_size: int) -> list[tuple[int, int] | None]:
+    """One (height, width) per image, or None everywhere when no target sizes are given."""
+    if target_sizes is None:
+        return [None] * batch_size
+    if len(target_sizes) != batch_size:
+        raise ValueError(
+            f"got {len(target_sizes)} target sizes for a batch of {batch_size}; pass one (height, width) per image."
+        )
+    return [(int(size[0]), int(size[1])) for size in target_sizes]
+
+
+def _resize(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of (B, C, h, w) maps (align_corners=False); float32 at least, so half inputs resize too."""
+    if tuple(maps.shape[-2:]) == size:
+        return maps
+    dtype = torch.promote_types(maps.dtype, torch.float32)
+    return torch.nn.functional.interpolate(maps.to(dtype), size=size, mode="bilinear", align_corners=False)
 
 
 __all__ = ["DenseCLViTImageProcessor"]

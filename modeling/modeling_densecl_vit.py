@@ -11,15 +11,28 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
-
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    BaseModelOutputWithPooling,
+    DepthEstimatorOutput,
+    SemanticSegmenterOutput,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_densecl_vit import DenseCLViTConfig
+from .losses_densecl_vit import (
+    berhu_loss,
+    gather_with_grad,
+    global_info_nce,
+    gradient_loss,
+    rank_batch_offset,
+    symmetric_local_global_loss,
+)
 
 
 class DenseCLViTPatchEmbeddings(nn.Module):
@@ -85,7 +98,9 @@ class DenseCLViTEmbeddings(nn.Module):
         patches = self.patch_embeddings(pixel_values.to(self.patch_embeddings.projection.weight.dtype))
         cls_tokens = self.cls_token.expand(patches.shape[0], -1, -1)
         embeddings = torch.cat((cls_tokens, patches), dim=1)
-        embeddings = embeddings + self.interpolate_pos_encoding(height // self.patch_size, width // self.patch_size)
+        embeddings = embeddings + self.interpolate_pos_encoding(
+            height // self.patch_size, width // self.patch_size
+        )
         return self.dropout(embeddings)
 
 
@@ -260,6 +275,11 @@ class DenseCLViTPreTrainedModel(PreTrainedModel):
                 init.ones_(module.weight)
             if module.bias is not None:
                 init.zeros_(module.bias)
+            # BatchNorm statistics are buffers: a head loaded on top of a pre-trained encoder gets them from here.
+            if getattr(module, "running_mean", None) is not None:
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+                init.zeros_(module.num_batches_tracked)
         elif isinstance(module, DenseCLViTEmbeddings):
             init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
             init.trunc_normal_(module.cls_token, mean=0.0, std=std)
@@ -280,7 +300,9 @@ class DenseCLViTModel(DenseCLViTPreTrainedModel):
 
     def patch_grid(self, pixel_values: torch.Tensor) -> tuple[int, int]:
         """(rows, columns) of the patch grid for an input batch."""
-        return pixel_values.shape[-2] // self.config.patch_size, pixel_values.shape[-1] // self.config.patch_size
+        return pixel_values.shape[-2] // self.config.patch_size, pixel_values.shape[
+            -1
+        ] // self.config.patch_size
 
     def forward(
         self,
@@ -318,4 +340,509 @@ class DenseCLViTModel(DenseCLViTPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-__all__ = ["DenseCLViTModel", "DenseCLViTPreTrainedModel"]
+def patch_tokens_to_map(tokens: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+    """Drop [CLS] and lay the patch tokens out on their grid: (B, 1 + h*w, D) -> (B, D, h, w)."""
+    batch_size, _, dim = tokens.shape
+    return tokens[:, 1:].transpose(1, 2).reshape(batch_size, dim, *grid_size)
+
+
+def resize_to(features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of (B, C, h, w) maps to `size` (align_corners=False, as mmsegmentation); no-op when equal."""
+    if tuple(features.shape[-2:]) == tuple(size):
+        return features
+    return nn.functional.interpolate(features, size=size, mode="bilinear", align_corners=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pre-training
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class DenseCLViTProjectionHead(nn.Module):
+    """The projection network g of the paper: a 3-layer MLP with GELU, applied to every token.
+
+    (B, T, D) -> (B, T, P), not normalised; T counts [CLS] and the patches alike.
+    """
+
+    def __init__(self, config: DenseCLViTConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.projection_hidden_size)
+        self.fc2 = nn.Linear(config.projection_hidden_size, config.projection_hidden_size)
+        self.fc3 = nn.Linear(config.projection_hidden_size, config.projection_dim)
+        self.act = nn.GELU()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc3(self.act(self.fc2(self.act(self.fc1(hidden_states)))))
+
+
+@dataclass
+class DenseCLViTPreTrainingOutput(ModelOutput):
+    r"""
+    Output of [`DenseCLViTForPreTraining`]. Every embedding is L2-normalised.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `pixel_values_2` is given):
+            The pre-training loss selected by `config.pretraining_loss`.
+        global_embeddings (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+            Projected [CLS] embedding of the first view.
+        local_embeddings (`torch.FloatTensor` of shape `(batch_size, num_patches, projection_dim)`):
+            Projected patch embeddings of the first view, row-major over the patch grid.
+        global_embeddings_2 (`torch.FloatTensor` of shape `(batch_size, projection_dim)`, *optional*):
+            Projected [CLS] embedding of the second view.
+        local_embeddings_2 (`torch.FloatTensor` of shape `(batch_size, num_patches_2, projection_dim)`, *optional*):
+            Projected patch embeddings of the second view.
+    """
+
+    loss: torch.FloatTensor | None = None
+    global_embeddings: torch.FloatTensor | None = None
+    local_embeddings: torch.FloatTensor | None = None
+    global_embeddings_2: torch.FloatTensor | None = None
+    local_embeddings_2: torch.FloatTensor | None = None
+
+
+class DenseCLViTForPreTraining(DenseCLViTPreTrainedModel):
+    """Encoder + projection head trained by the local-to-global loss (or the global InfoNCE baseline, or both)."""
+
+    def __init__(self, config: DenseCLViTConfig):
+        super().__init__(config)
+        self.densecl_vit = DenseCLViTModel(config)
+        self.projection = DenseCLViTProjectionHead(config)
+        self.post_init()
+
+    def embed(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, 3, H, W) -> normalised global (B, P) and local (B, N, P) embeddings."""
+        tokens = self.densecl_vit(pixel_values, return_dict=True).last_hidden_state  # (B, 1 + N, D)
+        embeddings = nn.functional.normalize(self.projection(tokens), dim=-1)  # (B, 1 + N, P)
+        return embeddings[:, 0], embeddings[:, 1:]
+
+    def contrastive_loss(
+        self,
+        global_embeddings: torch.Tensor,
+        local_embeddings: torch.Tensor,
+        global_embeddings_2: torch.Tensor,
+        local_embeddings_2: torch.Tensor,
+    ) -> torch.Tensor:
+        """The loss named by `config.pretraining_loss` on normalised (B, P) global and (B, N, P) local embeddings.
+
+        With `config.gather_negatives` under torch.distributed, the negatives come from the projected embeddings
+        of every process (gathered with gradients); the positives stay this process's own.
+        """
+        gather = self.config.gather_negatives and dist.is_available() and dist.is_initialized()
+        offset = rank_batch_offset(global_embeddings.shape[0]) if gather else 0
+
+        def negatives(embeddings: torch.Tensor) -> torch.Tensor | None:
+            return gather_with_grad(embeddings) if gather else None
+
+        temperature = self.config.loss_temperature
+        losses = []
+        if self.config.pretraining_loss in ("local-global", "both"):
+            losses.append(
+                symmetric_local_global_loss(
+                    global_embeddings,
+                    local_embeddings,
+                    global_embeddings_2,
+                    local_embeddings_2,
+                    temperature,
+                    negatives(local_embeddings),
+                    negatives(local_embeddings_2),
+                    batch_offset=offset,
+                )
+            )
+        if self.config.pretraining_loss in ("global", "both"):
+            losses.append(
+                global_info_nce(
+                    global_embeddings,
+                    global_embeddings_2,
+                    temperature,
+                    negatives(global_embeddings),
+                    negatives(global_embeddings_2),
+                    batch_offset=offset,
+                )
+            )
+        return sum(losses[1:], losses[0])
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        pixel_values_2: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+    ) -> DenseCLViTPreTrainingOutput | tuple:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+            First augmented view of each image.
+        pixel_values_2 (`torch.FloatTensor` of shape `(batch_size, num_channels, height_2, width_2)`, *optional*):
+            Second view; when given, the loss is computed. Views of the same size go through the encoder as one
+            batch of 2B images.
+        """
+        if return_dict is None:
+            return_dict = self.config.return_dict
+        global_2 = local_2 = loss = None
+        if pixel_values_2 is None:
+            global_1, local_1 = self.embed(pixel_values)
+        else:
+            if pixel_values_2.shape[0] != pixel_values.shape[0]:
+                raise ValueError(
+                    f"both views need the same batch size, got {pixel_values.shape[0]} and {pixel_values_2.shape[0]}."
+                )
+            if pixel_values.shape == pixel_values_2.shape:
+                # One encoder pass over (2B, 3, H, W), split back into the two views afterwards.
+                global_both, local_both = self.embed(torch.cat([pixel_values, pixel_values_2]))
+                global_1, global_2 = global_both.chunk(2)
+                local_1, local_2 = local_both.chunk(2)
+            else:
+                global_1, local_1 = self.embed(pixel_values)
+                global_2, local_2 = self.embed(pixel_values_2)
+            loss = self.contrastive_loss(global_1, local_1, global_2, local_2)
+        output = DenseCLViTPreTrainingOutput(
+            loss=loss,
+            global_embeddings=global_1,
+            local_embeddings=local_1,
+            global_embeddings_2=global_2,
+            local_embeddings_2=local_2,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Dense-prediction decoders (UPerNet after BEiT / mmsegmentation, up-projection for depth)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class DenseCLViTConvModule(nn.Module):
+    """Conv (no bias, 'same' padding) -> BatchNorm -> ReLU: mmsegmentation's ConvModule, the decoders' brick."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
+        self.norm = nn.BatchNorm2d(out_channels)
+        self.act = nn.ReLU()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(self.conv(hidden_states)))
+
+
+class DenseCLViTFeaturePyramid(nn.Module):
+    """Four single-scale ViT maps at stride p -> a pyramid at strides p/4, p/2, p and 2p (BEiT's fpn1..fpn4).
+
+    For p = 16 the strides are 4, 8, 16 and 32, the levels a convolutional backbone would give UPerNet.
+    """
+
+    def __init__(self, config: DenseCLViTConfig):
+        super().__init__()
+        dim = config.hidden_size
+        self.fpn1 = nn.Sequential(
+            nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2),
+            nn.BatchNorm2d(dim),
+            nn.GELU(),
+            nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2),
+        )
+        self.fpn2 = nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2)
+        self.fpn3 = nn.Identity()
+        self.fpn4 = nn.MaxPool2d(kernel_size=2, stride=2)
+
+    def forward(self, feature_maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """4 x (B, D, h, w) -> (B, D, 4h, 4w), (B, D, 2h, 2w), (B, D, h, w), (B, D, h/2, w/2)."""
+        rescales = (self.fpn1, self.fpn2, self.fpn3, self.fpn4)
+        return [rescale(features) for rescale, features in zip(rescales, feature_maps, strict=True)]
+
+
+class DenseCLViTPyramidPooling(nn.Module):
+    """PSPNet's pyramid pooling on the coarsest level: average-pool to each of `config.pool_scales`, project,
+    upsample back, concatenate with the input and fuse: (B, D, h, w) -> (B, C, h, w)."""
+
+    def __init__(self, config: DenseCLViTConfig):
+        super().__init__()
+        dim, channels = config.hidden_size, config.decoder_hidden_size
+        self.stages = nn.ModuleList(
+            nn.Sequential(nn.AdaptiveAvgPool2d(scale), DenseCLViTConvModule(dim, channels, 1))
+            for scale in config.pool_scales
+        )
+        self.bottleneck = DenseCLViTConvModule(dim + len(config.pool_scales) * channels, channels, 3)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        size = features.shape[-2:]
+        pooled = [resize_to(stage(features), size) for stage in self.stages]
+        return self.bottleneck(torch.cat([features, *pooled], dim=1))
+
+
+class DenseCLViTUperNetDecoder(nn.Module):
+    """UPerNet (Xiao et al., 2018) on a ViT, as BEiT uses it: the shared decoder of the segmentation and depth models.
+
+    The outputs of blocks `config.out_indices` become a 4-level pyramid (`DenseCLViTFeaturePyramid`); pyramid
+    pooling runs on the coarsest level, lateral 1x1 convolutions and a top-down pass merge the levels, 3x3
+    convolutions smooth them, and the four maps, upsampled to the finest level, are concatenated and fused by a 3x3
+    convolution into (B, C, 4h, 4w) with C = `config.decoder_hidden_size` (H/4 x W/4 for patch size 16).
+    Each task model puts its own 1x1 convolution on top.
+
+    The blocks' outputs are taken before the encoder's final LayerNorm, as in BEiT; the decoder's BatchNorms
+    standardise them. Training needs more than one image per BatchNorm (per process, or SyncBatchNorm).
+    """
+
+    def __init__(self, config: DenseCLViTConfig):
+        super().__init__()
+        dim, channels = config.hidden_size, config.decoder_hidden_size
+        self.out_indices = list(config.out_indices)
+        self.pyramid = DenseCLViTFeaturePyramid(config)
+        self.psp = DenseCLViTPyramidPooling(config)
+        self.lateral_convs = nn.ModuleList(DenseCLViTConvModule(dim, channels, 1) for _ in range(3))
+        self.fpn_convs = nn.ModuleList(DenseCLViTConvModule(channels, channels, 3) for _ in range(3))
+        self.fpn_bottleneck = DenseCLViTConvModule(4 * channels, channels, 3)
+
+    def feature_pyramid(
+        self, hidden_states: tuple[torch.Tensor, ...], grid_size: tuple[int, int]
+    ) -> list[torch.Tensor]:
+        """Encoder hidden states (embeddings, block 1, ..., block L), each (B, 1 + h*w, D) -> 4 pyramid levels."""
+        feature_maps = [patch_tokens_to_map(hidden_states[index], grid_size) for index in self.out_indices]
+        return self.pyramid(feature_maps)
+
+    def fuse(self, levels: list[torch.Tensor]) -> torch.Tensor:
+        """4 pyramid levels, finest first -> fused features (B, C, h0, w0) at the finest level's size."""
+        laterals = [conv(level) for conv, level in zip(self.lateral_convs, levels[:3])]
+        laterals.append(self.psp(levels[3]))
+        # Top-down: each level receives the coarser one upsampled to its size.
+        for i in range(3, 0, -1):
+            laterals[i - 1] = laterals[i - 1] + resize_to(laterals[i], laterals[i - 1].shape[-2:])
+        outputs = [conv(lateral) for conv, lateral in zip(self.fpn_convs, laterals[:3])] + [laterals[3]]
+        size = outputs[0].shape[-2:]
+        return self.fpn_bottleneck(torch.cat([resize_to(output, size) for output in outputs], dim=1))
+
+    def forward(self, hidden_states: tuple[torch.Tensor, ...], grid_size: tuple[int, int]) -> torch.Tensor:
+        return self.fuse(self.feature_pyramid(hidden_states, grid_size))
+
+
+class DenseCLViTFCNHead(nn.Module):
+    """Auxiliary FCN head of UPerNet training (mmsegmentation's setting for BEiT): 3x3 conv-BN-ReLU of width
+    `config.auxiliary_hidden_size`, then a 1x1 classifier. (B, D, h, w) -> (B, num_labels, h, w)."""
+
+    def __init__(self, config: DenseCLViTConfig):
+        super().__init__()
+        self.conv = DenseCLViTConvModule(config.hidden_size, config.auxiliary_hidden_size, 3)
+        self.classifier = nn.Conv2d(config.auxiliary_hidden_size, config.num_labels, kernel_size=1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.conv(features))
+
+
+class DenseCLViTUpProjectionDecoder(nn.Module):
+    """The 'linear' depth head: from the patch grid back to input resolution by stride-2 up-projection stages.
+
+    log2(patch_size) stages (4 for patch 16), each a 3x3 conv-BN-ReLU followed by bilinear x2 upsampling; the
+    first stage has `config.depth_head_hidden_size` channels and each next one half as many.
+    (B, D, h, w) -> (B, C_last, h * 2^stages, w * 2^stages).
+    """
+
+    def __init__(self, config: DenseCLViTConfig):
+        super().__init__()
+        num_stages = max(1, int(math.log2(config.patch_size)))
+        channels = [max(1, config.depth_head_hidden_size // 2**i) for i in range(num_stages)]
+        in_channels = [config.hidden_size] + channels[:-1]
+        self.stages = nn.ModuleList(
+            DenseCLViTConvModule(c_in, c_out, 3) for c_in, c_out in zip(in_channels, channels)
+        )
+        self.out_channels = channels[-1]
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        for stage in self.stages:
+            # Convolve at the coarser resolution, then upsample: 4x fewer multiply-adds than the other order.
+            features = nn.functional.interpolate(
+                stage(features), scale_factor=2, mode="bilinear", align_corners=False
+            )
+        return features
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Semantic segmentation
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class DenseCLViTForSemanticSegmentation(DenseCLViTPreTrainedModel):
+    """Encoder + segmentation head selected by `config.decode_head`.
+
+    - `"linear"`: the linear protocol of the paper, one linear layer on each final (LayerNorm-ed) patch token. No
+      BatchNorm is added: the final LayerNorm already standardises the tokens, and a plain linear layer keeps the
+      probe a measure of the encoder alone.
+    - `"upernet"`: `DenseCLViTUperNetDecoder` + 1x1 classifier, with an optional auxiliary FCN head on the third
+      pyramid level (stride p) that adds `config.auxiliary_loss_weight` times its loss during training.
+
+    Logits are upsampled bilinearly to the input size, so the loss and the pipelines see full resolution.
+    """
+
+    def __init__(self, config: DenseCLViTConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.densecl_vit = DenseCLViTModel(config)
+        self.decode_head = self.auxiliary_head = None
+        if config.decode_head == "upernet":
+            self.decode_head = DenseCLViTUperNetDecoder(config)
+            self.classifier = nn.Conv2d(config.decoder_hidden_size, config.num_labels, kernel_size=1)
+            if config.use_auxiliary_head:
+                self.auxiliary_head = DenseCLViTFCNHead(config)
+        else:
+            self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def segmentation_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Pixel-wise cross-entropy of (B, K, H, W) logits against (B, H, W) class ids, ignoring the ignore index."""
+        return nn.functional.cross_entropy(
+            logits, labels.long(), ignore_index=self.config.semantic_loss_ignore_index
+        )
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> SemanticSegmenterOutput | tuple:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+            Normalised images; height and width must be multiples of `config.patch_size`.
+        labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
+            Class ids per pixel; `config.semantic_loss_ignore_index` marks pixels left out of the loss.
+        """
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if return_dict is None:
+            return_dict = self.config.return_dict
+        size = tuple(pixel_values.shape[-2:])
+        if labels is not None:
+            if self.num_labels < 2:
+                raise ValueError(
+                    f"segmentation needs num_labels >= 2, got {self.num_labels}; set num_labels."
+                )
+            if labels.shape != (pixel_values.shape[0], *size):
+                raise ValueError(
+                    f"labels must be (batch, height, width) = {(pixel_values.shape[0], *size)}, "
+                    f"got {tuple(labels.shape)}."
+                )
+        outputs = self.densecl_vit(
+            pixel_values,
+            output_hidden_states=output_hidden_states or self.decode_head is not None,
+            output_attentions=output_attentions,
+            return_dict=True,
+        )
+        grid_size = self.densecl_vit.patch_grid(pixel_values)
+        levels = None
+        if self.decode_head is not None:
+            levels = self.decode_head.feature_pyramid(outputs.hidden_states, grid_size)
+            logits = self.classifier(self.decode_head.fuse(levels))  # (B, K, 4h, 4w)
+        else:
+            # (B, N, D) -> (B, N, K) -> (B, K, h, w)
+            patch_logits = self.classifier(outputs.last_hidden_state[:, 1:])
+            logits = patch_logits.transpose(1, 2).reshape(patch_logits.shape[0], -1, *grid_size)
+        logits = resize_to(logits, size)
+
+        loss = None
+        if labels is not None:
+            loss = self.segmentation_loss(logits, labels)
+            if self.auxiliary_head is not None:
+                auxiliary_logits = resize_to(self.auxiliary_head(levels[2]), size)
+                loss = loss + self.config.auxiliary_loss_weight * self.segmentation_loss(
+                    auxiliary_logits, labels
+                )
+        output = SemanticSegmenterOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states if output_hidden_states else None,
+            attentions=outputs.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Monocular depth estimation
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class DenseCLViTForDepthEstimation(DenseCLViTPreTrainedModel):
+    """Encoder + depth head selected by `config.depth_head`, predicting metric depth in metres.
+
+    - `"linear"`: `DenseCLViTUpProjectionDecoder` on the final patch tokens, back to input resolution.
+    - `"upernet"`: `DenseCLViTUperNetDecoder` (same as segmentation), upsampled to input resolution.
+
+    A 1x1 convolution gives one channel x; the output is a sigmoid dilated to the dataset's depth range,
+    depth = min_depth + (max_depth - min_depth) * sigmoid(x), so every prediction lies inside the range.
+    """
+
+    def __init__(self, config: DenseCLViTConfig):
+        super().__init__(config)
+        self.densecl_vit = DenseCLViTModel(config)
+        if config.depth_head == "upernet":
+            self.decode_head = DenseCLViTUperNetDecoder(config)
+            head_channels = config.decoder_hidden_size
+        else:
+            self.decode_head = DenseCLViTUpProjectionDecoder(config)
+            head_channels = self.decode_head.out_channels
+        self.regressor = nn.Conv2d(head_channels, 1, kernel_size=1)
+        self.post_init()
+
+    def depth_loss(self, predicted_depth: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """berHu + gradient_loss_weight * L2 gradient loss over the pixels whose (B, H, W) ground truth is finite
+        and strictly inside (min_depth, max_depth)."""
+        valid = torch.isfinite(labels) & (labels > self.config.min_depth) & (labels < self.config.max_depth)
+        # Invalid pixels never enter the losses; zeroing them keeps NaN/inf out of every intermediate tensor.
+        target = torch.where(valid, labels, torch.zeros_like(labels)).to(predicted_depth.dtype)
+        berhu = berhu_loss(predicted_depth, target, valid, threshold=self.config.berhu_threshold)
+        return berhu + self.config.gradient_loss_weight * gradient_loss(predicted_depth, target, valid)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> DepthEstimatorOutput | tuple:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+            Normalised images; height and width must be multiples of `config.patch_size`.
+        labels (`torch.FloatTensor` of shape `(batch_size, height, width)`, *optional*):
+            Ground-truth depth in metres; pixels that are 0, non-finite or outside (min_depth, max_depth) are
+            left out of the loss.
+        """
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if return_dict is None:
+            return_dict = self.config.return_dict
+        size = tuple(pixel_values.shape[-2:])
+        if labels is not None and labels.shape != (pixel_values.shape[0], *size):
+            raise ValueError(
+                f"labels must be (batch, height, width) = {(pixel_values.shape[0], *size)}, got {tuple(labels.shape)}."
+            )
+        upernet = self.config.depth_head == "upernet"
+        outputs = self.densecl_vit(
+            pixel_values,
+            output_hidden_states=output_hidden_states or upernet,
+            output_attentions=output_attentions,
+            return_dict=True,
+        )
+        grid_size = self.densecl_vit.patch_grid(pixel_values)
+        if upernet:
+            features = self.decode_head(outputs.hidden_states, grid_size)
+        else:
+            features = self.decode_head(patch_tokens_to_map(outputs.last_hidden_state, grid_size))
+        # Resize before the sigmoid so that interpolation cannot leave the depth range: (B, 1, H, W) -> (B, H, W).
+        logits = resize_to(self.regressor(features), size).squeeze(1)
+        depth_range = self.config.max_depth - self.config.min_depth
+        predicted_depth = self.config.min_depth + depth_range * torch.sigmoid(logits)
+
+        loss = self.depth_loss(predicted_depth, labels) if labels is not None else None
+        output = DepthEstimatorOutput(
+            loss=loss,
+            predicted_depth=predicted_depth,
+            hidden_states=outputs.hidden_states if output_hidden_states else None,
+            attentions=outputs.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = [
+    "DenseCLViTForDepthEstimation",
+    "DenseCLViTForPreTraining",
+    "DenseCLViTForSemanticSegmentation",
+    "DenseCLViTModel",
+    "DenseCLViTPreTrainedModel",
+    "DenseCLViTPreTrainingOutput",
+    "DenseCLViTUperNetDecoder",
+]

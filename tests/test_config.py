@@ -108,6 +108,14 @@ def test_yaml_null_only_for_optional_fields(tmp_path):
         parse_config(ToyConfig, ["--config", str(path)])
 
 
+def test_yaml_bare_no_for_literal_choice(tmp_path):
+    path = write_yaml(tmp_path, "precision: no\n")  # PyYAML reads `no` as False
+    assert parse_config(ToyConfig, ["--config", str(path)]).precision == "no"
+    path = write_yaml(tmp_path, "precision: yes\n")
+    with pytest.raises(ConfigError, match="invalid value True for precision in cfg.yaml"):
+        parse_config(ToyConfig, ["--config", str(path)])
+
+
 def test_literal_choices_validated():
     with pytest.raises(ConfigError, match="choose one of: no, fp16, bf16"):
         parse_config(ToyConfig, ["--precision", "fp8"])
@@ -150,7 +158,13 @@ def test_help_lists_every_field(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "Toy training options." in out
-    for name in ("--lr", "--batch-size", "--compile, --no-compile", "--image-size", "--precision {no,fp16,bf16}"):
+    for name in (
+        "--lr",
+        "--batch-size",
+        "--compile, --no-compile",
+        "--image-size",
+        "--precision {no,fp16,bf16}",
+    ):
         assert name in out
     assert "base learning rate (default: 0.0001)" in out
     assert "mixed precision (default: 'bf16')" in out

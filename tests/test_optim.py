@@ -91,7 +91,11 @@ def test_weight_decay_groups_match_real_names():
         "densecl_vit.embeddings.mask_token",
         "densecl_vit.embeddings.position_embeddings",
         "densecl_vit.embeddings.patch_embeddings.projection.bias",
-        *(f"densecl_vit.encoder.layer.{i}.{m}" for i in range(LAYERS) for m in ("layernorm_before.weight", "layernorm_before.bias", "dense.bias")),
+        *(
+            f"densecl_vit.encoder.layer.{i}.{m}"
+            for i in range(LAYERS)
+            for m in ("layernorm_before.weight", "layernorm_before.bias", "dense.bias")
+        ),
         "densecl_vit.layernorm.weight",
         "densecl_vit.layernorm.bias",
         "head.bias",
@@ -244,7 +248,9 @@ def test_poly_with_warmup_matches_formula():
 def test_schedule_without_warmup_starts_at_peak():
     opt = toy_optimizer(1.0)
     lrs = lrs_over(cosine_with_warmup(opt, 4, 0), opt, 4)
-    assert [a for a, _ in lrs] == pytest.approx([1.0, 0.5 + 0.5 * math.cos(math.pi / 4), 0.5, 0.5 - 0.5 * math.cos(math.pi / 4), 0.0])
+    assert [a for a, _ in lrs] == pytest.approx(
+        [1.0, 0.5 + 0.5 * math.cos(math.pi / 4), 0.5, 0.5 - 0.5 * math.cos(math.pi / 4), 0.0]
+    )
 
 
 def test_schedule_argument_checks():
@@ -277,7 +283,11 @@ def test_optimizer_step_decays_only_decay_group():
         p.grad = torch.zeros_like(p)
     opt.step()
     for name, p in model.named_parameters():
-        expected = 1.0 - 0.5 * 0.1 if (p.ndim >= 2 and not name.endswith(("cls_token", "mask_token", "position_embeddings"))) else 1.0
+        expected = (
+            1.0 - 0.5 * 0.1
+            if (p.ndim >= 2 and not name.endswith(("cls_token", "mask_token", "position_embeddings")))
+            else 1.0
+        )
         torch.testing.assert_close(p.detach(), torch.full_like(p, expected), msg=name)
 
 
@@ -286,3 +296,29 @@ def test_fused_on_cuda():
     model = FakeViT().cuda()
     opt = build_adamw(param_groups_weight_decay(model, 0.05), lr=1e-3)
     assert opt.param_groups[0]["fused"] is True
+
+
+def test_real_task_model_names():
+    """The rules hold for DenseCLViT's own parameter names (encoder under ``densecl_vit.``)."""
+    from densecl_vit.modeling.modeling_densecl_vit import DenseCLViTConfig, DenseCLViTForSemanticSegmentation
+
+    config = DenseCLViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8, num_labels=3
+    )
+    model = DenseCLViTForSemanticSegmentation(config)
+    groups = param_groups_layer_decay(model, 0.05, 0.5, num_layers=2)
+    assert_partition(model, groups)
+    group_of = {n: g for g in groups for n in g["param_names"]}
+    for name in (
+        "embeddings.cls_token",
+        "embeddings.position_embeddings",
+        "embeddings.patch_embeddings.projection.bias",
+    ):
+        assert group_of[f"densecl_vit.{name}"]["name"] == "layer_0_no_decay"
+    assert group_of["densecl_vit.embeddings.patch_embeddings.projection.weight"]["name"] == "layer_0_decay"
+    assert group_of["densecl_vit.encoder.layer.1.mlp.fc1.weight"]["name"] == "layer_2_decay"
+    assert group_of["densecl_vit.encoder.layer.0.norm1.weight"]["name"] == "layer_1_no_decay"
+    assert group_of["densecl_vit.layernorm.weight"]["name"] == "layer_3_no_decay"
+    head = [n for n in group_of if not n.startswith("densecl_vit.")]
+    assert head and all(group_of[n]["lr_scale"] == 1.0 for n in head)
+    assert group_of["densecl_vit.embeddings.cls_token"]["lr_scale"] == 0.125

@@ -91,6 +91,13 @@ def _convert_scalar(value: Any, tp: Any, where: str) -> Any:
         for choice in choices:
             if value == choice or str(value) == str(choice):
                 return choice
+            # YAML 1.1 reads a bare `no` / `off` / `yes` as a bool: map it back to a matching string choice.
+            if (
+                isinstance(value, bool)
+                and isinstance(choice, str)
+                and choice.lower() in (_TRUE if value else _FALSE)
+            ):
+                return choice
         raise ConfigError(
             f"invalid value {value!r} for {where}; choose one of: {', '.join(map(str, choices))}"
         )

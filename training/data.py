@@ -75,7 +75,9 @@ def _local_files(path: str) -> list[str] | None:
         files = [path]
     elif os.path.isdir(path):
         return None
-    elif path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.path.splitext(path)[1]:
+    elif (
+        path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.path.splitext(path)[1] in _FILE_BUILDERS
+    ):
         raise ValueError(f"dataset path not found: {path!r}")
     else:
         return None  # "name" or "owner/name": a Hub id
@@ -160,8 +162,9 @@ def resolve_column(
     candidates = [name for name in images if name not in exclude]
     if len(candidates) == 1:
         return candidates[0]
-    found = f"image columns are {', '.join(candidates)}" if candidates else f"no image column among {columns}"
-    raise ValueError(f"cannot choose the image column ({found}); set {option}")
+    if candidates:
+        raise ValueError(f"several image columns ({', '.join(candidates)}); set {option} to one of them")
+    raise ValueError(f"no image column among {columns}; set {option}")
 
 
 def _identity(chunk: Any) -> Any:
@@ -230,6 +233,10 @@ class StreamingSamples(torch.utils.data.IterableDataset):
     `state_dict()["skips"]`). It must be picklable (a module-level function or a partial of one) when the
     loader uses workers. Iterate through `build_dataloader`, which yields the batches; iterating this object
     directly yields internal chunks. `infinite=True` loops over epochs, reshuffling each one.
+
+    `interleave_shards` input shards feed the shuffle buffer at a time (datasets' `max_buffer_input_shards`).
+    With more than one, `datasets` pauses 5 s whenever a pass over a multi-file parquet stream ends (its
+    guard against apache/arrow#45214); 1 avoids the pause for small multi-file datasets at some cost in mixing.
     """
 
     def __init__(
@@ -247,6 +254,7 @@ class StreamingSamples(torch.utils.data.IterableDataset):
         min_seen: int = 50,
         max_bad_fraction: float = 0.5,
         read_batch_size: int = 16,
+        interleave_shards: int = 10,
     ) -> None:
         if not 0 <= process_index < num_processes:
             raise ValueError(f"process_index must be in [0, {num_processes}), got {process_index}")
@@ -260,11 +268,8 @@ class StreamingSamples(torch.utils.data.IterableDataset):
         self.make_sample = make_sample
         self.process_index, self.num_processes = process_index, num_processes
         self.shuffle_buffer, self.seed, self.infinite = shuffle_buffer, seed, infinite
-        self.min_seen, self.max_bad_fraction, self.read_batch_size = (
-            min_seen,
-            max_bad_fraction,
-            read_batch_size,
-        )
+        self.min_seen, self.max_bad_fraction = min_seen, max_bad_fraction
+        self.read_batch_size, self.interleave_shards = read_batch_size, interleave_shards
         self.position = StreamPosition()
         self.first_epoch = epoch
         self.mode: str | None = None
@@ -274,6 +279,11 @@ class StreamingSamples(torch.utils.data.IterableDataset):
         # row i = (epoch, next ordinal) of lane i; _start_lane = the lane DataLoader worker 0 serves first.
         self._start = torch.zeros(1, 2, dtype=torch.long)
         self._start_lane = torch.zeros(1, dtype=torch.long)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the stream is in (the earliest over lanes)."""
+        return min((epoch for epoch, _ in self.position.lanes), default=self.first_epoch)
 
     def set_epoch(self, epoch: int) -> None:
         """Start the next iteration at the beginning of `epoch` (finite streams: call before each epoch)."""
@@ -309,10 +319,10 @@ class StreamingSamples(torch.utils.data.IterableDataset):
 
         stream = self.stream
         if self.shuffle_buffer > 0:
-            # Interleaving input shards improves mixing; with one shard it would only add datasets' 5 s
-            # thread-shutdown pause at the end of every epoch of a parquet stream.
-            interleave = max(1, min(10, stream.num_shards))
-            stream = stream.shuffle(self.seed, buffer_size=self.shuffle_buffer, max_buffer_input_shards=interleave)
+            interleave = max(1, min(self.interleave_shards, stream.num_shards))
+            stream = stream.shuffle(
+                self.seed, buffer_size=self.shuffle_buffer, max_buffer_input_shards=interleave
+            )
         stream = split_dataset_by_node(stream, self.process_index, self.num_processes)
         if self.mode == "shards":
             stream = split_dataset_by_node(stream, lane, self.num_lanes)

@@ -3,6 +3,11 @@
 Every group built here carries ``name``, ``param_names``, ``weight_decay`` and ``lr_scale``.
 ``build_adamw`` / ``build_adam`` set each group's lr to ``lr * lr_scale``, so the schedules below (plain
 ``LambdaLR`` multipliers) decay every group from its own scaled base lr.
+
+Schedules count optimiser steps. A scheduler passed through ``accelerator.prepare`` advances
+``num_processes`` times per ``step()`` (accelerate assumes per-process step counts), so either create
+the ``Accelerator`` with ``step_scheduler_with_optimizer=False`` or keep the scheduler out of
+``prepare`` and ``accelerator.register_for_checkpointing(scheduler)``.
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ class MetricsLogger:
         self._file = None
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a")  # noqa: SIM115 -- closed in close()
+            self._file = open(self.path, "a")  # closed by close() / the with block
 
     def log(self, step: int, **values: Any) -> dict[str, Any] | None:
         """Write ``{"step": step, "time": now, **values}``; returns the record (``None`` off the main process)."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from io import BytesIO
 from typing import Any
 
 import numpy as np
@@ -82,9 +81,6 @@ class SkipCounter:
             total.seen += counter.seen
         return total
 
-    def copy(self) -> SkipCounter:
-        return SkipCounter(self.counts, self.seen)
-
     def summary(self, top: int = 3) -> str:
         """The most frequent reasons, e.g. "label_size_mismatch: 30, undecodable_image: 2"."""
         return ", ".join(f"{reason}: {n}" for reason, n in self.counts.most_common(top)) or "none"
@@ -97,9 +93,6 @@ class SkipCounter:
                 "check the dataset and its column options, or raise max_bad_fraction"
             )
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, SkipCounter) and self.to_dict() == other.to_dict()
-
     def __repr__(self) -> str:
         return f"SkipCounter(seen={self.seen}, skipped={dict(self.counts)})"
 
@@ -109,9 +102,7 @@ def _open_pil(value: Any) -> PIL.Image.Image:
     if isinstance(value, PIL.Image.Image):
         return value
     if isinstance(value, (bytes, bytearray)):
-        image = PIL.Image.open(BytesIO(value))
-        image.load()
-        return image
+        value = {"path": None, "bytes": bytes(value)}
     if isinstance(value, str):
         value = {"path": value, "bytes": None}
     if isinstance(value, dict):

@@ -184,6 +184,8 @@ def write_dataset(
         raise ValueError(
             f"image_size, shard_size must be >= 1 and seed >= 0, got {image_size}, {shard_size}, {seed}"
         )
+    if shard_size * image_size**2 >= 2**31:  # depth rows are indexed by 32-bit Arrow list offsets
+        raise ValueError(f"shard_size * image_size^2 must stay below 2^31; lower shard_size ({shard_size})")
     root = Path(output_dir)
     (root / "data").mkdir(parents=True, exist_ok=True)
     (root / "meta.json").unlink(missing_ok=True)

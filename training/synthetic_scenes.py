@@ -15,6 +15,7 @@ run from a surface point to the light with t = 1 at the light.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -29,6 +30,8 @@ SKY_COLOR = np.array([0.55, 0.75, 0.95])
 _EPS = 1e-6  # smallest accepted ray parameter
 _SHADOW_OFFSET = 1e-3  # metres a shadow ray starts off its surface, against self-shadowing
 _NOISE_LATTICE = 16  # period of the value-noise lattice, in pattern cells
+# Linear intensity in [0, 1] (quantised to 16 bits) -> gamma-encoded 8-bit value, sRGB-like gamma 2.2.
+_GAMMA_TABLE = (np.linspace(0.0, 1.0, 65536) ** (1 / 2.2) * 255 + 0.5).astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -178,7 +181,8 @@ def _hit_round(obj: SceneObject, origins: np.ndarray, dirs: np.ndarray) -> np.nd
         t_base, t_top = -oy / dy, (height - oy) / dy
 
     def in_disc(t: np.ndarray) -> np.ndarray:
-        return (ox + t * dx) ** 2 + (oz + t * dz) ** 2 <= radius**2
+        with np.errstate(invalid="ignore"):  # rays parallel to the disc: t = inf times a zero component
+            return (ox + t * dx) ** 2 + (oz + t * dz) ** 2 <= radius**2
 
     if obj.kind == "cylinder":
         t0, t1 = _quadratic_roots(dx * dx + dz * dz, ox * dx + oz * dz, ox * ox + oz * oz - radius**2)
@@ -197,30 +201,37 @@ def _hit_round(obj: SceneObject, origins: np.ndarray, dirs: np.ndarray) -> np.nd
     return _nearest((t0, on_side(t0)), (t1, on_side(t1)), *caps)
 
 
-def _near_bounding_sphere(obj: SceneObject, origins: np.ndarray, dirs: np.ndarray) -> np.ndarray:
-    """Indices of the rays that pass through the object's bounding sphere (in front of their origin)."""
+def _near_bounding_sphere(
+    obj: SceneObject, origins: np.ndarray, dirs: np.ndarray, t_max: float
+) -> np.ndarray:
+    """Indices of the rays whose stretch t in (0, t_max) meets the object's bounding sphere."""
     half_x, height, half_z = obj.extent
     footprint = math.hypot(half_x, half_z) if obj.kind in ("box", "pyramid") else half_x
     oc = origins - (np.asarray(obj.position, float) + [0.0, height / 2, 0.0])
-    half_b = np.einsum("pd,pd->p", np.broadcast_to(oc, dirs.shape), dirs)
-    c = np.einsum("pd,pd->p", oc, oc) if oc.ndim == 2 else oc @ oc
+    if oc.ndim == 1:
+        half_b, c = dirs @ oc, oc @ oc
+    else:
+        half_b, c = np.einsum("pd,pd->p", oc, dirs), np.einsum("pd,pd->p", oc, oc)
     a = np.einsum("pd,pd->p", dirs, dirs)
-    discriminant = half_b * half_b - a * (c - footprint**2 - (height / 2) ** 2)
-    return np.flatnonzero((discriminant >= 0) & ((half_b < 0) | (c < footprint**2 + (height / 2) ** 2)))
+    c = c - footprint**2 - (height / 2) ** 2  # < 0: the origin is inside the sphere
+    discriminant = half_b * half_b - a * c
+    near = (discriminant >= 0) & ((half_b < 0) | (c < 0))
+    if math.isfinite(t_max):  # the sphere starts before t_max: its middle is, or t_max lies inside it
+        near &= (c < 0) | (-half_b < a * t_max) | ((a * t_max + 2 * half_b) * t_max + c < 0)
+    return np.flatnonzero(near)
 
 
-def intersect(obj: SceneObject, origins: np.ndarray, dirs: np.ndarray) -> np.ndarray:
+def intersect(obj: SceneObject, origins: np.ndarray, dirs: np.ndarray, t_max: float = math.inf) -> np.ndarray:
     """Ray parameter (P,) of the first hit of rays origins (3,) or (P, 3) + t dirs (P, 3); inf on a miss.
 
     Only the rays through the object's bounding sphere go through the exact test, which is what keeps a
-    128 x 128 render at a few tens of milliseconds.
+    128 x 128 render at a few tens of milliseconds; with a finite t_max, rays whose bounding-sphere stretch
+    starts past t_max may be reported as misses (shadow rays only ask for hits before the light, t_max = 1).
     """
     if obj.kind not in OBJECT_KINDS:
         raise ValueError(f"unknown object kind {obj.kind!r}; use one of {OBJECT_KINDS}")
-    if obj.kind == "sphere":
-        return _hit_round(obj, origins, dirs)
     t = np.full(len(dirs), np.inf)
-    rays = _near_bounding_sphere(obj, origins, dirs)
+    rays = _near_bounding_sphere(obj, origins, dirs, t_max)
     if rays.size:
         hit = _hit_convex if obj.kind in ("box", "pyramid") else _hit_round
         t[rays] = hit(obj, origins if origins.ndim == 1 else origins[rays], dirs[rays])
@@ -253,22 +264,22 @@ def surface_normals(obj: SceneObject, points: np.ndarray) -> np.ndarray:
 
 def _value_noise(points: np.ndarray, seed: int) -> np.ndarray:
     """Two-octave trilinear value noise in [0, 1] at points (M, 3) given in pattern cells."""
-    lattice = np.random.default_rng(seed).random((_NOISE_LATTICE,) * 3)
+    lattice = np.random.default_rng(seed).random(_NOISE_LATTICE**3)  # flattened (N, N, N) grid
     total = np.zeros(len(points))
     for octave, weight in ((1.0, 2 / 3), (2.0, 1 / 3)):
         q = points * octave
         cell = np.floor(q)
         f = q - cell
         f = f * f * (3 - 2 * f)  # smoothstep
-        i = cell.astype(np.int64) % _NOISE_LATTICE
-        j = (i + 1) % _NOISE_LATTICE
-        for cx in (0, 1):
-            for cy in (0, 1):
-                for cz in (0, 1):
-                    w = (f[:, 0] if cx else 1 - f[:, 0]) * (f[:, 1] if cy else 1 - f[:, 1])
-                    w = w * (f[:, 2] if cz else 1 - f[:, 2])
-                    corner = lattice[(j if cx else i)[:, 0], (j if cy else i)[:, 1], (j if cz else i)[:, 2]]
-                    total += weight * w * corner
+        low = cell.astype(np.int64) % _NOISE_LATTICE
+        corners = (low, (low + 1) % _NOISE_LATTICE)
+        weights = (1 - f, f)
+        for cx, cy, cz in itertools.product((0, 1), repeat=3):
+            w = weights[cx][:, 0] * weights[cy][:, 1] * weights[cz][:, 2]
+            flat = (corners[cx][:, 0] * _NOISE_LATTICE + corners[cy][:, 1]) * _NOISE_LATTICE + corners[cz][
+                :, 2
+            ]
+            total += weight * w * lattice[flat]
     return total
 
 
@@ -327,16 +338,19 @@ def _shade_hits(
 
 
 def _lit_fraction(scene: Scene, points: np.ndarray, normals: np.ndarray) -> np.ndarray:
-    """Lambert term (M,) of the point light times its visibility through the objects (shadow rays)."""
-    to_light = np.asarray(scene.light_position, float) - points  # (M, 3); t = 1 reaches the light
+    """Lambert term (M,) of the point light times its visibility through the objects (shadow rays).
+
+    Shadow rays are cast from the light (one origin, like camera rays) to the points lifted off their
+    surfaces by _SHADOW_OFFSET, reaching them at t = 1: a hit before that is an occluder.
+    """
+    light = np.asarray(scene.light_position, float)
+    to_light = light - points  # (M, 3)
     cosine = np.einsum("md,md->m", normals, to_light) / np.linalg.norm(to_light, axis=1)
-    origins = points + _SHADOW_OFFSET * normals
-    lit = cosine > 0
+    from_light = points + _SHADOW_OFFSET * normals - light
+    visible = cosine > 0
     for obj in scene.objects:
-        blocked = np.zeros_like(lit)
-        blocked[lit] = intersect(obj, origins[lit], to_light[lit]) < 1.0
-        lit &= ~blocked
-    return np.where(lit, cosine, 0.0)
+        visible &= intersect(obj, light, from_light, t_max=1.0) >= 1.0
+    return np.where(visible, cosine, 0.0)
 
 
 def render(scene: Scene, image_size: int | tuple[int, int]) -> RenderedScene:
@@ -357,7 +371,7 @@ def render(scene: Scene, image_size: int | tuple[int, int]) -> RenderedScene:
     light = scene.ambient + (1 - scene.ambient) * _lit_fraction(scene, points, normals)
     rgb = np.broadcast_to(SKY_COLOR, dirs.shape).copy()
     rgb[valid] = colors * light[:, None]
-    image = (np.clip(rgb, 0, 1) ** (1 / 2.2) * 255 + 0.5).astype(np.uint8)  # gamma-encoded sRGB-like
+    image = _GAMMA_TABLE[(np.clip(rgb, 0, 1) * 65535 + 0.5).astype(np.int64)]
     labels = np.zeros(len(dirs), np.uint8)
     object_ids = np.array([CLASS_NAMES.index(obj.kind) for obj in scene.objects], np.uint8)
     surface_ids = np.array([CLASS_NAMES.index(name) for name in ("floor", "wall", "ceiling")], np.uint8)
@@ -397,11 +411,11 @@ def _random_shape(rng: np.random.Generator) -> tuple[str, tuple[float, float, fl
 
 
 def _place_objects(rng: np.random.Generator, room: Room, camera_xz: np.ndarray) -> list[SceneObject]:
-    """3 to 6 objects on the floor, apart from each other, the walls and the camera (rejection sampling)."""
+    """4 to 8 objects on the floor, apart from each other, the walls and the camera (rejection sampling)."""
     half_room = np.array([room.width / 2, room.depth / 2])
     placed: list[tuple[np.ndarray, float]] = []
     objects = []
-    for _ in range(rng.integers(3, 7)):
+    for _ in range(rng.integers(4, 9)):
         kind, extent, footprint = _random_shape(rng)
         for _ in range(30):
             xz = rng.uniform(-half_room + footprint + 0.05, half_room - footprint - 0.05)
@@ -427,13 +441,18 @@ def sample_scene(rng: np.random.Generator) -> Scene:
     ceiling = _random_material(rng, low=0.7) if rng.random() < 0.5 else None
     room = Room(width, depth, height, _random_material(rng), _random_material(rng), ceiling)
     half_room = np.array([width / 2, depth / 2])
-    camera_xz = rng.uniform(-half_room + 0.3, half_room - 0.3)
+    # the camera stands in the outer band of the room, so that most objects lie in front of it
+    along, side = rng.uniform(-1, 1), rng.integers(4)
+    edge = rng.uniform(0.3, 1.0)
+    camera_xz = np.where(side % 2, [along, 1.0], [1.0, along]) * (half_room - edge) * (1 - 2 * (side // 2))
     camera = np.array([camera_xz[0], rng.uniform(0.8, 2.0), camera_xz[1]])
     objects = _place_objects(rng, room, camera_xz)
     target = np.array([0.0, 0.5, 0.0])
-    if objects:
-        chosen = objects[rng.integers(len(objects))]
-        target = np.asarray(chosen.position) + [0.0, chosen.extent[1] / 2, 0.0]
+    if objects:  # look at the middle of the objects or at one of them
+        centres = [np.asarray(obj.position) + [0.0, obj.extent[1] / 2, 0.0] for obj in objects]
+        target = np.mean(centres, axis=0) if rng.random() < 0.5 else centres[rng.integers(len(centres))]
+        if np.hypot(*(target - camera)[[0, 2]]) < 0.8:  # objects all around the camera: avoid a steep view
+            target = centres[0]
     target = target + np.clip(rng.normal(0.0, 0.25, 3), -0.3, 0.3)
     light_xz = rng.uniform(-half_room + 0.5, half_room - 0.5)
     return Scene(

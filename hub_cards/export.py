@@ -1,0 +1,305 @@
+"""Build a Hub-ready release folder from a DenseCL-ViT model folder, and push it in one commit.
+
+The folder is exactly what the repository should hold:
+
+- `--format remote-code` (default): `model.safetensors` (float32; sharded past `max_shard_size`, with its index),
+  `config.json` whose `auto_map` names `AutoConfig` and this model's one task class, the modeling files the model
+  imports, `preprocessor_config.json` (its `auto_map` names `AutoImageProcessor`), and, when a stock transformers
+  class expresses the model exactly, the same model as that class under `stock/`; encoders add
+  `timm_model.safetensors`.
+- `--format stock`: the stock transformers model at the root (no Python files, no `auto_map`).
+
+Both add `README.md` (the model card) and the run's artefacts found in the model folder or its parent run folder:
+the resolved training config (`config.yaml` / `training_config.yaml`), `eval_results.json` and example PNGs
+(`example*.png`). A pre-training folder is released as its encoder (`DenseCLViTModel`).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import CommitOperationAdd, HfApi
+from safetensors.torch import save_file
+from transformers import PreTrainedModel
+from transformers.utils.hub import convert_file_size_to_int
+
+from densecl_vit.modeling import (
+    DenseCLViTForDepthEstimation,
+    DenseCLViTForPreTraining,
+    DenseCLViTForSemanticSegmentation,
+    DenseCLViTImageProcessor,
+    DenseCLViTModel,
+)
+
+from . import stock
+from .cards import CardInputs, load_training_config, render_model_card, training_sources
+from .snippets import MODEL_TASKS
+
+MODELING_DIR = Path(__file__).resolve().parent.parent / "modeling"
+TRAINING_CONFIG_NAMES = ("config.yaml", "training_config.yaml")
+EVAL_RESULTS_NAME = "eval_results.json"
+EXAMPLE_GLOB = "example*.png"
+TIMM_FILE = "timm_model.safetensors"
+STOCK_SUBFOLDER = "stock"
+FORMATS = ("remote-code", "stock")
+MODEL_CLASSES = {
+    cls.__name__: cls
+    for cls in (
+        DenseCLViTModel,
+        DenseCLViTForPreTraining,
+        DenseCLViTForSemanticSegmentation,
+        DenseCLViTForDepthEstimation,
+    )
+}
+
+
+def load_release_model(model_dir: str | os.PathLike) -> PreTrainedModel:
+    """The model a folder releases, float32 in eval mode; a pre-training folder gives its encoder."""
+    model_dir = Path(model_dir)
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise ValueError(
+            f"{model_dir} is not a model folder (no config.json); pass a save_pretrained folder."
+        )
+    architectures = json.loads(config_path.read_text()).get("architectures") or []
+    if len(architectures) != 1 or architectures[0] not in MODEL_CLASSES:
+        raise ValueError(
+            f"{config_path} names architectures {architectures}; expected one of {sorted(MODEL_CLASSES)}."
+        )
+    model = MODEL_CLASSES[architectures[0]].from_pretrained(model_dir)
+    if isinstance(model, DenseCLViTForPreTraining):
+        model = model.densecl_vit
+    return model.float().eval()
+
+
+def load_processor(model_dir: Path, config: Any) -> DenseCLViTImageProcessor:
+    """The folder's image processor, or one at the model's training size when it has none."""
+    if (model_dir / "preprocessor_config.json").is_file():
+        return DenseCLViTImageProcessor.from_pretrained(model_dir)
+    size = {"height": config.image_size, "width": config.image_size}
+    return DenseCLViTImageProcessor(size=size, size_divisor=config.patch_size)
+
+
+def find_artefacts(model_dir: str | os.PathLike) -> dict[str, Path]:
+    """Run artefacts worth publishing, by published name: the model folder first, then its parent run folder."""
+    model_dir = Path(model_dir).resolve()
+    found: dict[str, Path] = {}
+    for folder in (model_dir, model_dir.parent):
+        for name in (*TRAINING_CONFIG_NAMES, EVAL_RESULTS_NAME):
+            if (folder / name).is_file() and name not in found:
+                found[name] = folder / name
+        examples = sorted(folder.glob(EXAMPLE_GLOB))
+        if examples and not any(name.startswith("example") for name in found):
+            found.update({path.name: path for path in examples})
+    training = [name for name in TRAINING_CONFIG_NAMES if name in found]
+    for name in training[1:]:  # one resolved training config: the first name wins
+        del found[name]
+    return found
+
+
+def remote_code_files() -> list[Path]:
+    """The modeling/*.py files a release carries: the modeling and image-processing files and what they import."""
+    todo = [MODELING_DIR / "modeling_densecl_vit.py", MODELING_DIR / "image_processing_densecl_vit.py"]
+    files: list[Path] = []
+    while todo:
+        path = todo.pop()
+        if path in files:
+            continue
+        files.append(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                todo.append(MODELING_DIR / f"{node.module}.py")
+    return sorted(files)
+
+
+def _auto_map(model: PreTrainedModel) -> dict[str, str]:
+    name = type(model).__name__
+    return {
+        "AutoConfig": "configuration_densecl_vit.DenseCLViTConfig",
+        MODEL_TASKS[name].auto_class: f"modeling_densecl_vit.{name}",
+    }
+
+
+def save_remote_code(model: PreTrainedModel, processor: Any, folder: Path, max_shard_size: str) -> None:
+    """Weights, config with this model's auto_map only, processor and the remote-code files."""
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    processor.save_pretrained(folder)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config["auto_map"] = _auto_map(model)
+    config["architectures"] = [type(model).__name__]
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for path in folder.glob("*.py"):
+        path.unlink()
+    for path in remote_code_files():
+        shutil.copyfile(path, folder / path.name)
+
+
+def save_stock(stock_model: PreTrainedModel, processor: Any, folder: Path, max_shard_size: str) -> None:
+    stock_model.save_pretrained(folder, max_shard_size=max_shard_size)
+    stock.stock_image_processor(processor, stock_model).save_pretrained(folder)
+
+
+@dataclass(frozen=True)
+class ReleaseOptions:
+    fmt: str = "remote-code"
+    repo_id: str | None = None
+    revision: str = "main"
+    license: str = "apache-2.0"
+    max_shard_size: str = "2GB"
+    base_model: str | None = None
+    overwrite: bool = False
+
+
+def _check_options(options: ReleaseOptions) -> None:
+    if options.fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {options.fmt!r}.")
+    try:
+        convert_file_size_to_int(options.max_shard_size)
+    except ValueError:
+        raise ValueError(
+            f"max shard size {options.max_shard_size!r} is not a size such as 2GB or 500MB."
+        ) from None
+
+
+def _prepare_output(output: Path, model_dir: Path, overwrite: bool) -> None:
+    resolved, source = output.resolve(), model_dir.resolve()
+    if resolved == source or resolved in source.parents:
+        raise ValueError(
+            f"output {output} would contain the model folder {model_dir}; choose another folder."
+        )
+    if output.exists() and any(output.iterdir()):
+        if not overwrite:
+            raise ValueError(f"{output} exists and is not empty; pass --overwrite or choose another folder.")
+        shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+
+
+def build_release(
+    model_dir: str | os.PathLike, output: str | os.PathLike, options: ReleaseOptions
+) -> list[Path]:
+    """Write the release folder (see the module docstring); returns its files, relative and sorted."""
+    model_dir, output = Path(model_dir), Path(output)
+    _check_options(options)
+    model = load_release_model(model_dir)
+    processor = load_processor(model_dir, model.config)
+    artefacts = find_artefacts(model_dir)
+    training_name = next((name for name in artefacts if name.endswith(".yaml")), None)
+    training_config = load_training_config(artefacts[training_name]) if training_name else None
+    reason = stock.unavailable_reason(model)
+    if options.fmt == "stock" and reason:
+        raise ValueError(
+            f"no stock transformers model for {type(model).__name__}: {reason}; use remote-code."
+        )
+    stock_model = None if reason else stock.to_stock(model)
+    if stock_model is not None:
+        stock.stock_image_processor(processor, stock_model)  # refuse unsupported processors before writing
+    encoder = isinstance(model, DenseCLViTModel)
+    timm_kwargs = stock.timm_kwargs(model) if encoder else None
+
+    _prepare_output(output, model_dir, options.overwrite)
+    if options.fmt == "stock":
+        save_stock(stock_model, processor, output, options.max_shard_size)
+    else:
+        save_remote_code(model, processor, output, options.max_shard_size)
+        if stock_model is not None:
+            save_stock(stock_model, processor, output / STOCK_SUBFOLDER, options.max_shard_size)
+    if timm_kwargs is not None:
+        save_file(stock.timm_state_dict(model), output / TIMM_FILE, metadata={"format": "pt"})
+    for name, path in artefacts.items():
+        shutil.copyfile(path, output / name)
+
+    base_hub, base_local, datasets = training_sources(training_config or {})
+    inputs = CardInputs(
+        model_class=type(model).__name__,
+        config=model.config.to_dict(),
+        repo_id=options.repo_id or f"<your-org>/{output.resolve().name}",
+        revision=options.revision,
+        license=options.license,
+        fmt=options.fmt,
+        stock=stock.stock_formats(model, options.fmt, TIMM_FILE if timm_kwargs else None),
+        training_config=training_config,
+        training_config_file=training_name,
+        base_model=None if encoder else options.base_model or base_hub,
+        base_model_local=None if encoder or options.base_model else base_local,
+        datasets=tuple(datasets),
+        example_image=next((name for name in artefacts if name.endswith(".png")), None),
+        num_parameters=model.num_parameters(),
+    )
+    eval_path = output / "eval_results.json" if "eval_results.json" in artefacts else None
+    render_model_card(inputs, eval_results=eval_path).save(output / "README.md")
+    return list_files(output)
+
+
+def list_files(folder: str | os.PathLike) -> list[Path]:
+    """Every file under `folder`, relative, sorted."""
+    folder = Path(folder)
+    return sorted(path.relative_to(folder) for path in folder.rglob("*") if path.is_file())
+
+
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    revision: str = "main",
+    private: bool = False,
+    dry_run: bool = False,
+    commit_message: str = "Release DenseCL-ViT model",
+    api: Any = None,
+    echo: Callable[[str], None] = print,
+) -> list[tuple[str, int]]:
+    """Create the repository if needed and upload every file of `folder` to `revision` in one commit.
+
+    The token comes from the usual Hugging Face login or environment (`HfApi()` reads it); it is never passed,
+    printed or written here. `dry_run` prints the operations and touches no network. Returns [(path, size)].
+    """
+    folder = Path(folder)
+    files = [(path.as_posix(), (folder / path).stat().st_size) for path in list_files(folder)]
+    if not files:
+        raise ValueError(f"{folder} holds no files to push; build the release folder first.")
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ValueError(f"repo id must be ORG/NAME, got {repo_id!r}.")
+    visibility = "private" if private else "public"
+    total = sum(size for _, size in files)
+    header = (
+        f"repo {repo_id} ({visibility}), revision {revision}: one commit of {len(files)} files, {total} bytes"
+    )
+    if dry_run:
+        echo(f"dry run, nothing sent: create repo {repo_id} if missing; {header}")
+        for path, size in files:
+            echo(f"  add {path} ({size} bytes)")
+        return files
+    api = api if api is not None else HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    if revision != "main":
+        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+    operations = [
+        CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(folder / path)) for path, _ in files
+    ]
+    info = api.create_commit(
+        repo_id,
+        operations=operations,
+        commit_message=commit_message,
+        revision=revision,
+        repo_type="model",
+    )
+    echo(f"pushed {header}: {getattr(info, 'commit_url', info)}")
+    return files
+
+
+__all__ = [
+    "ReleaseOptions",
+    "build_release",
+    "find_artefacts",
+    "list_files",
+    "load_release_model",
+    "push_folder",
+    "remote_code_files",
+]

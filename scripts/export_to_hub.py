@@ -1,0 +1,86 @@
+"""Build a Hub release folder from a DenseCL-ViT model folder and optionally push it in one commit.
+
+    python scripts/export_to_hub.py --model outputs/seg-upernet-s/final --output release/seg-s
+    python scripts/export_to_hub.py --model outputs/pretrain-s --output release/vit-s \\
+        --push --repo-id my-org/densecl-vit-small --revision v1.0 --dry-run
+    python scripts/export_to_hub.py --model outputs/seg-upernet-s/final --output release/seg-s-stock --format stock
+
+The folder is exactly what the repository will hold (weights, config, processor, remote code or a stock
+transformers model, the model card and the run's published artefacts); see `densecl_vit.hub_cards.export`.
+`--push` reads the token from the usual Hugging Face login (`hf auth login`) or `HF_TOKEN`; it never prints it.
+Errors print one line `error: ...` on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from densecl_vit.hub_cards.export import FORMATS, ReleaseOptions, build_release, push_folder
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model", required=True, type=Path, help="save_pretrained folder of the model to release"
+    )
+    parser.add_argument("--output", required=True, type=Path, help="release folder to write")
+    parser.add_argument(
+        "--format", default="remote-code", choices=FORMATS, help="custom code or stock classes"
+    )
+    parser.add_argument(
+        "--max-shard-size", default="2GB", help="largest weight file before sharding (e.g. 2GB)"
+    )
+    parser.add_argument("--license", default="apache-2.0", help="license id of the card metadata")
+    parser.add_argument(
+        "--base-model", help="Hub id the model was fine-tuned from (default: from the run config)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
+    push = parser.add_argument_group("push")
+    push.add_argument("--push", action="store_true", help="upload the folder to the Hub in one commit")
+    push.add_argument("--repo-id", help="ORG/NAME of the repository (also used in the card's snippets)")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--revision", default="main", help="branch to commit to (created if missing)")
+    push.add_argument("--dry-run", action="store_true", help="list the push operations without network")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None, api: Any = None) -> int:
+    """Entry point; `api` replaces `huggingface_hub.HfApi()` for the push (tests pass a stand-in)."""
+    args = parse_args(argv)
+    try:
+        if args.push and not args.repo_id:
+            raise ValueError("--push needs --repo-id ORG/NAME.")
+        if args.dry_run and not args.push:
+            raise ValueError("--dry-run only applies with --push.")
+        options = ReleaseOptions(
+            fmt=args.format,
+            repo_id=args.repo_id,
+            revision=args.revision,
+            license=args.license,
+            max_shard_size=args.max_shard_size,
+            base_model=args.base_model,
+            overwrite=args.overwrite,
+        )
+        files = build_release(args.model, args.output, options)
+        print(f"wrote {len(files)} files to {args.output}")
+        if args.push:
+            push_folder(
+                args.output,
+                args.repo_id,
+                revision=args.revision,
+                private=args.private,
+                dry_run=args.dry_run,
+                api=api,
+            )
+    except (ValueError, OSError) as error:
+        lines = str(error).strip().splitlines()
+        print(f"error: {lines[0] if lines else type(error).__name__}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""Local-to-global contrastive pre-training: the options, and the data, model and optimiser phases of
+`scripts/pretrain.py`. The loop itself is `engine.train_loop`, shared with the fine-tuning scripts.
+
+Outputs in ``--output-dir``: ``config.yaml`` (the resolved options, written first), ``metrics.jsonl``,
+``checkpoints/step-*``, and once training completes ``final/`` (the encoder, a `DenseCLViTModel`
+`save_pretrained` folder with its image processor: what `AutoModel` and the fine-tuning scripts load),
+``final_pretraining/`` (encoder + projection head, a `DenseCLViTForPreTraining` folder that
+``--model`` accepts to continue pre-training), ``results.json`` and ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from ..modeling import DenseCLViTConfig, DenseCLViTForPreTraining, DenseCLViTImageProcessor
+from ..modeling.configuration_densecl_vit import PRESET_ALIASES, PRESETS
+from .config import save_config
+from .data import StreamingSamples, StreamLoader, build_dataloader, open_stream, resolve_column
+from .engine import (
+    CRITICAL_KEYS,
+    TrainingArgs,
+    build_accelerator,
+    finish_run,
+    resume,
+    run_signature,
+    save_model,
+    setup_errors,
+    stream_num_examples,
+    total_steps_for,
+    train_loop,
+)
+from .optim import (
+    build_adamw,
+    cosine_with_warmup,
+    describe_param_groups,
+    param_groups_weight_decay,
+    scaled_lr,
+    warmup_steps_from_fraction,
+)
+from .samples import decode_image, validate_image
+from .transforms import BatchedColorAugment, SimCLRAugmentConfig, TwoViewTransform
+
+PRETRAIN_CRITICAL_KEYS = (
+    *CRITICAL_KEYS,
+    "model",
+    "image_size",
+    "patch_size",
+    "loss",
+    "gather_negatives",
+    "temperature",
+    "projection_dim",
+    "projection_hidden_size",
+    "crop_scale",
+    "gpu_augment",
+)
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def _opt(default: Any, help_text: str) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
+@dataclasses.dataclass
+class PretrainConfig(TrainingArgs):
+    """Pre-train a DenseCL-ViT encoder with the local-to-global contrastive loss on a (streamed) image dataset.
+
+    Run with `accelerate launch scripts/pretrain.py --config FILE.yaml [--option value ...]` (processes and
+    mixed precision come from accelerate) or plain `python scripts/pretrain.py ...`.
+    """
+
+    output_dir: str = _opt("outputs/pretrain", "folder for checkpoints, logs, final/ and results.json")
+    model: str = _opt("vit-base", "preset (vit-tiny, vit-small, vit-base) or a config.json / model folder")
+    image_size: int = _opt(224, "side of the square training views; a multiple of the patch size")
+    patch_size: int | None = _opt(None, "override the model's patch size (a fresh model only; tiny tests)")
+    per_device_batch_size: int = _opt(
+        128, "images per process and step (>= 2: the negatives are the other images)"
+    )
+    lr: float = _opt(1e-4, "base learning rate for 256 images; the run uses lr * total batch / 256")
+    loss: Literal["local-global", "global", "both"] = _opt(
+        "local-global", "the paper's local-to-global loss, SimCLR's global InfoNCE, or their sum"
+    )
+    gather_negatives: bool = _opt(False, "take negatives from every process (all-gather with gradients)")
+    temperature: float = _opt(0.1, "temperature of the contrastive loss")
+    projection_dim: int = _opt(256, "output width of the projection head")
+    projection_hidden_size: int = _opt(2048, "hidden width of the 3-layer projection head")
+    crop_scale: tuple[float, float] = _opt((0.08, 1.0), "random resized crop area range, as image fractions")
+    gpu_augment: bool = _opt(
+        False, "run colour jitter, grayscale, blur and normalisation batched on the device"
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.per_device_batch_size < 2:
+            raise ValueError(
+                f"--per-device-batch-size must be >= 2, got {self.per_device_batch_size}: the contrastive loss "
+                "takes its negatives from the other images of the batch"
+            )
+        patch_size = self.patch_size or model_source(self.model)[1].get("patch_size", 16)
+        if self.image_size % patch_size:
+            raise ValueError(
+                f"--image-size {self.image_size} is not a multiple of the patch size {patch_size}; "
+                f"use e.g. {max(1, round(self.image_size / patch_size)) * patch_size}"
+            )
+        if (
+            self.patch_size is not None
+            and self.patch_size != patch_size
+            and model_source(self.model)[0] == "weights"
+        ):
+            raise ValueError("--patch-size cannot change a model folder with weights; drop --patch-size")
+        if self.temperature <= 0:
+            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+        if min(self.projection_dim, self.projection_hidden_size) < 1:
+            raise ValueError("--projection-dim and --projection-hidden-size must be >= 1")
+        if not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
+            raise ValueError(f"--crop-scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+
+
+def model_source(model: str) -> tuple[str, dict[str, Any]]:
+    """("preset" | "config" | "weights" | "folder", the config fields it names) for a --model value."""
+    key = PRESET_ALIASES.get(model.lower(), model.lower())
+    if key in PRESETS:
+        return "preset", {**PRESETS[key], "patch_size": 16}
+    path = Path(model)
+    if path.is_file() and path.suffix == ".json":
+        return "config", json.loads(path.read_text())
+    if path.is_dir() and (path / "config.json").is_file():
+        kind = "weights" if any((path / name).is_file() for name in _WEIGHT_FILES) else "folder"
+        return kind, json.loads((path / "config.json").read_text())
+    raise ValueError(
+        f"unknown --model {model!r}: use a preset ({', '.join(PRESETS)}, or ti/s/b), "
+        "a config.json file or a model folder holding one"
+    )
+
+
+def build_model(cfg: PretrainConfig) -> DenseCLViTForPreTraining:
+    """The pre-training model: a preset or config.json initialised from `cfg.seed`, or a folder's weights."""
+    kind, fields = model_source(cfg.model)
+    overrides = {
+        "projection_dim": cfg.projection_dim,
+        "projection_hidden_size": cfg.projection_hidden_size,
+        "loss_temperature": cfg.temperature,
+        "pretraining_loss": cfg.loss,
+        "gather_negatives": cfg.gather_negatives,
+    }
+    if kind == "weights":
+        model = DenseCLViTForPreTraining.from_pretrained(cfg.model, **overrides)
+    else:
+        fields = {
+            k: v for k, v in fields.items() if k not in ("architectures", "auto_map", "transformers_version")
+        }
+        fields.update(
+            overrides, image_size=cfg.image_size, patch_size=cfg.patch_size or fields.get("patch_size", 16)
+        )
+        model = DenseCLViTForPreTraining(DenseCLViTConfig.from_dict(fields))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def augment_config(cfg: PretrainConfig) -> SimCLRAugmentConfig:
+    return SimCLRAugmentConfig(
+        image_size=cfg.image_size, crop_scale=cfg.crop_scale, gpu_color=cfg.gpu_augment
+    )
+
+
+def two_view_sample(
+    example: dict[str, Any], rng: np.random.Generator, column: str, transform: TwoViewTransform
+) -> dict[str, torch.Tensor] | str:
+    """A stream example -> its two views (3, S, S) as `pixel_values` / `pixel_values_2`, or a skip reason."""
+    image = decode_image(example[column])
+    reason = validate_image(image)
+    if reason is not None:
+        return reason
+    view_1, view_2 = transform(image, rng)
+    return {"pixel_values": view_1, "pixel_values_2": view_2}
+
+
+def build_data(
+    cfg: PretrainConfig, process_index: int = 0, num_processes: int = 1
+) -> tuple[StreamLoader, int | None]:
+    """This process's loader of two-view batches over an endless reshuffled stream, and the split's size if known."""
+    stream = open_stream(cfg.dataset, cfg.dataset_config, cfg.split, data_files=cfg.data_files)
+    column = resolve_column(stream.features, cfg.image_column, "image")
+    make_sample = functools.partial(
+        two_view_sample, column=column, transform=TwoViewTransform(augment_config(cfg))
+    )
+    samples = StreamingSamples(
+        stream,
+        make_sample,
+        process_index=process_index,
+        num_processes=num_processes,
+        shuffle_buffer=cfg.shuffle_buffer,
+        seed=cfg.seed,
+        infinite=True,
+        columns=[column],
+        max_bad_fraction=cfg.max_bad_fraction,
+    )
+    loader = build_dataloader(samples, cfg.per_device_batch_size, num_workers=cfg.num_workers)
+    return loader, stream_num_examples(stream, cfg.split)
+
+
+def build_optimizer(
+    cfg: PretrainConfig, model: torch.nn.Module, total_batch_size: int, total_steps: int
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (no decay on tensors of rank < 2, position embeddings and [CLS]) at lr * batch / 256, cosine
+    decay after a linear warm-up. Build it after moving the model to its device."""
+    groups = param_groups_weight_decay(model, cfg.weight_decay)
+    optimizer = build_adamw(groups, lr=scaled_lr(cfg.lr, total_batch_size))
+    scheduler = cosine_with_warmup(
+        optimizer, total_steps, warmup_steps_from_fraction(total_steps, cfg.warmup_fraction)
+    )
+    return optimizer, scheduler
+
+
+class DeviceColorAugment:
+    """`prepare_batch` for --gpu-augment: uint8 crops -> device -> batched colour augmentation per view.
+
+    The colour parameters of step s come from a CPU generator seeded by (seed, s, process), so a resumed
+    run draws the same ones without saving generator state.
+    """
+
+    def __init__(self, cfg: PretrainConfig, accelerator: Accelerator):
+        self.color = BatchedColorAugment(augment_config(cfg))
+        self.seed, self.accelerator = cfg.seed, accelerator
+
+    def __call__(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        key = np.random.SeedSequence([self.seed, step, self.accelerator.process_index]).generate_state(1)[0]
+        generator = torch.Generator().manual_seed(int(key))
+        device = self.accelerator.device
+        return {
+            name: self.color(batch[name].to(device, non_blocking=True), view=view, generator=generator)
+            for view, name in enumerate(("pixel_values", "pixel_values_2"))
+        }
+
+
+def main(cfg: PretrainConfig) -> dict[str, Any]:
+    """Pre-train as `cfg` says; returns the results written to results.json."""
+    accelerator = build_accelerator(cfg)
+    output_dir = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        save_config(cfg, output_dir / "config.yaml")
+    total_batch = cfg.per_device_batch_size * accelerator.num_processes
+    with setup_errors():
+        loader, num_examples = build_data(cfg, accelerator.process_index, accelerator.num_processes)
+        total_steps = total_steps_for(cfg, accelerator.num_processes, num_examples)
+        model = build_model(cfg).to(accelerator.device)
+        if cfg.compile:
+            model.compile()  # in place: parameter names and saved checkpoints stay those of the plain model
+        optimizer, scheduler = build_optimizer(cfg, model, total_batch, total_steps)
+        accelerator.print(describe_param_groups(optimizer.param_groups))
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        signature = run_signature(cfg, accelerator)
+        state = resume(accelerator, cfg, signature, PRETRAIN_CRITICAL_KEYS, loader)
+    accelerator.init_trackers(
+        "pretrain", {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in signature.items()}
+    )
+    lr = scaled_lr(cfg.lr, total_batch)
+    accelerator.print(
+        f"pre-training {total_steps} steps of {total_batch} images ({accelerator.num_processes} processes, "
+        f"{accelerator.mixed_precision} precision), lr {lr:.3g}, starting at step {state.step}"
+    )
+    outcome = train_loop(
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        loader,
+        cfg,
+        state,
+        total_steps,
+        signature,
+        prepare_batch=DeviceColorAugment(cfg, accelerator) if cfg.gpu_augment else None,
+        desc="pretrain",
+    )
+    extra: dict[str, Any] = {"total_steps": total_steps, "total_batch_size": total_batch, "lr": lr}
+    if outcome.status == "completed":
+        patch_size = accelerator.unwrap_model(model).config.patch_size
+        processor = DenseCLViTImageProcessor(
+            size={"height": cfg.image_size, "width": cfg.image_size}, size_divisor=patch_size
+        )
+        save_model(accelerator, model, output_dir / "final", processor, submodule="densecl_vit")
+        save_model(accelerator, model, output_dir / "final_pretraining", processor)
+        extra.update(encoder_dir="final", pretraining_dir="final_pretraining")
+    return finish_run(accelerator, cfg, outcome, extra)

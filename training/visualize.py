@@ -1,0 +1,483 @@
+"""Pictures: segmentation overlays, colour-mapped depth, PCA maps of patch features and training curves.
+
+Figures are drawn on matplotlib's Agg canvas directly (`Figure` + `FigureCanvasAgg`, never pyplot), so importing
+this module leaves the caller's interactive backend alone and works on machines without a display.
+Images are (H, W, 3) uint8 arrays throughout; label maps (H, W) integers; depth (H, W) metres.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+import torch
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize, hsv_to_rgb
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from densecl_vit.training.samples import to_rgb
+
+logger = logging.getLogger(__name__)
+
+DPI = 128  # a power of two: pixel sizes divided by it and multiplied back are exact in floating point
+MIN_DISPLAY_HEIGHT = 256  # smaller images are enlarged (nearest, integer factor) so that text stays legible
+DEPTH_CMAP = "magma_r"  # reversed: near = bright
+_EVAL_PREFIXES = ("eval_", "eval/", "val_", "test_")
+_TASKS = {"ForSemanticSegmentation": "segmentation", "ForDepthEstimation": "depth"}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Colours
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def class_palette(num_classes: int) -> np.ndarray:
+    """(K, 3) uint8 colours; class i gets the same colour whatever K is.
+
+    The first 20 are matplotlib's tab20 (the ten dark tones, then the ten light ones); later classes step round
+    the hue circle by the golden angle, alternating saturation and value so that neighbours stay apart.
+    """
+    tab20 = np.asarray(colormaps["tab20"].colors)
+    colors = list(tab20[0::2]) + list(tab20[1::2])
+    for i in range(20, num_classes):
+        hsv = ((i * 0.6180339887) % 1.0, 0.85 - 0.35 * (i % 2), 0.95 - 0.3 * ((i // 2) % 2))
+        colors.append(hsv_to_rgb(hsv))
+    return np.round(np.asarray(colors[:num_classes]) * 255).astype(np.uint8).reshape(num_classes, 3)
+
+
+def overlay_segmentation(
+    image: np.ndarray, labels: np.ndarray, palette: np.ndarray | None = None, alpha: float = 0.5
+) -> np.ndarray:
+    """Blend class colours into an image: round((1 - alpha) * image + alpha * palette[labels]), (H, W, 3) uint8."""
+    labels = np.asarray(labels)
+    if labels.shape != image.shape[:2]:
+        raise ValueError(
+            f"labels {labels.shape} and image {image.shape[:2]} must have the same height and width."
+        )
+    if palette is None:
+        palette = class_palette(int(labels.max(initial=0)) + 1)
+    blended = (1.0 - alpha) * image.astype(np.float64) + alpha * palette[labels].astype(np.float64)
+    return np.clip(np.round(blended), 0, 255).astype(np.uint8)
+
+
+def colorize_depth(
+    depth: np.ndarray, vmin: float | None = None, vmax: float | None = None, cmap: str = DEPTH_CMAP
+) -> np.ndarray:
+    """(H, W) metres -> (H, W, 3) uint8 through `cmap` over [vmin, vmax] (default: the map's own finite range)."""
+    depth = np.asarray(depth, dtype=np.float64)
+    vmin, vmax = _depth_range(depth, vmin, vmax)
+    rgb = colormaps[cmap](np.clip((depth - vmin) / (vmax - vmin), 0.0, 1.0))[..., :3]
+    return np.round(rgb * 255).astype(np.uint8)
+
+
+def _depth_range(depth: np.ndarray, vmin: float | None, vmax: float | None) -> tuple[float, float]:
+    finite = depth[np.isfinite(depth)]
+    vmin = float(finite.min()) if vmin is None and finite.size else (0.0 if vmin is None else vmin)
+    vmax = float(finite.max()) if vmax is None and finite.size else (1.0 if vmax is None else vmax)
+    return vmin, max(vmax, vmin + 1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prediction figures: the picture at its own resolution, a legend or colour bar beside it
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def display_scale(height: int) -> int:
+    """Integer nearest-neighbour enlargement applied to images shorter than MIN_DISPLAY_HEIGHT."""
+    return max(1, math.ceil(MIN_DISPLAY_HEIGHT / max(height, 1)))
+
+
+def _enlarge(picture: np.ndarray) -> np.ndarray:
+    scale = display_scale(picture.shape[0])
+    return picture if scale == 1 else picture.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def _font_px(height: int) -> float:
+    return float(np.clip(height / 32, 10, 36))
+
+
+def _render_panel(height: int, draw: Callable[[Figure, float], None]) -> np.ndarray:
+    """(height, w, 3) uint8: what `draw(fig, font_pt)` puts on a white canvas, cropped right of its last artist."""
+    width = 6 * height
+    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, facecolor="white")
+    canvas = FigureCanvasAgg(fig)
+    draw(fig, _font_px(height) * 72 / DPI)
+    canvas.draw()
+    right = fig.get_tightbbox(canvas.get_renderer()).x1 * DPI + _font_px(height)
+    pixels = np.asarray(canvas.buffer_rgba())[..., :3]
+    return pixels[:, : int(np.clip(math.ceil(right), 1, width))].copy()
+
+
+def segmentation_figure(
+    image: np.ndarray, labels: np.ndarray, id2label: dict | None = None, alpha: float = 0.5
+) -> np.ndarray:
+    """The overlay of `labels` on `image` with a legend of the classes present (largest first, with their share).
+
+    Returns (H', W + legend, 3) uint8; the left part is `overlay_segmentation(image, labels)` enlarged by
+    `display_scale(H)` (H' = H * scale).
+    """
+    labels = np.asarray(labels)
+    num_classes = max(len(id2label or {}), int(labels.max(initial=0)) + 1)
+    palette = class_palette(num_classes)
+    picture = _enlarge(overlay_segmentation(image, labels, palette, alpha))
+    ids, counts = np.unique(labels, return_counts=True)
+    order = np.argsort(-counts, kind="stable")
+    entries = [(class_name(id2label, int(ids[i])), counts[i] / labels.size, palette[ids[i]]) for i in order]
+
+    def draw(fig: Figure, font_pt: float) -> None:
+        font_px = font_pt * DPI / 72
+        rows = max(1, int(picture.shape[0] * 0.94 // (font_px * 1.55)))
+        handles = [
+            Patch(facecolor=color / 255, label=f"{name} ({share:.0%})") for name, share, color in entries
+        ]
+        fig.legend(
+            handles=handles,
+            loc="center left",
+            bbox_to_anchor=(font_px / fig.bbox.width, 0.5),
+            frameon=False,
+            fontsize=font_pt,
+            ncols=math.ceil(len(handles) / rows),
+            handlelength=1.2,
+            borderaxespad=0.0,
+        )
+
+    return np.concatenate([picture, _render_panel(picture.shape[0], draw)], axis=1)
+
+
+def depth_figure(
+    depth: np.ndarray, cmap: str = DEPTH_CMAP, vmin: float | None = None, vmax: float | None = None
+):
+    """The colour-mapped depth with a colour bar in metres: (H', W + bar, 3) uint8, left part as `colorize_depth`
+    enlarged by `display_scale(H)`."""
+    depth = np.asarray(depth, dtype=np.float64)
+    vmin, vmax = _depth_range(depth, vmin, vmax)
+    picture = _enlarge(colorize_depth(depth, vmin, vmax, cmap))
+
+    def draw(fig: Figure, font_pt: float) -> None:
+        font_px = font_pt * DPI / 72
+        width, height = fig.bbox.width, fig.bbox.height
+        cax = fig.add_axes((font_px / width, 0.06, max(8.0, height / 24) / width, 0.88))
+        bar = fig.colorbar(ScalarMappable(norm=Normalize(vmin, vmax), cmap=cmap), cax=cax)
+        bar.set_label("depth (m)", fontsize=font_pt)
+        bar.ax.tick_params(labelsize=font_pt)
+
+    return np.concatenate([picture, _render_panel(picture.shape[0], draw)], axis=1)
+
+
+def class_name(id2label: dict | None, class_id: int) -> str:
+    """`id2label[class_id]` whether its keys are ints or strings; the id itself when it has no name."""
+    id2label = id2label or {}
+    return str(id2label.get(class_id, id2label.get(str(class_id), class_id)))
+
+
+def save_png(picture: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write an (H, W, 3) uint8 picture or an (H, W) uint8/uint16 map as PNG (parent folders created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    PIL.Image.fromarray(picture).save(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading and running models
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_image(path: str | os.PathLike) -> PIL.Image.Image:
+    """An RGB image with its EXIF orientation applied; raises (OSError, ValueError, ...) if it cannot be read."""
+    with PIL.Image.open(path) as image:
+        image.load()
+        return to_rgb(PIL.ImageOps.exif_transpose(image))
+
+
+def load_pretrained(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Any, Any]:
+    """(model, image processor) from a local folder or Hub id, remote code allowed.
+
+    The model class follows `config.architectures` (segmentation, depth, pre-training or the bare encoder).
+    A folder without `preprocessor_config.json` gets a `DenseCLViTImageProcessor` at the config's image size.
+    """
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModel,
+        AutoModelForDepthEstimation,
+        AutoModelForPreTraining,
+        AutoModelForSemanticSegmentation,
+    )
+
+    from densecl_vit.modeling import DenseCLViTImageProcessor
+
+    auto_classes = {
+        "ForSemanticSegmentation": AutoModelForSemanticSegmentation,
+        "ForDepthEstimation": AutoModelForDepthEstimation,
+        "ForPreTraining": AutoModelForPreTraining,
+    }
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
+    architecture = (getattr(config, "architectures", None) or [""])[0]
+    auto_class = next((c for suffix, c in auto_classes.items() if architecture.endswith(suffix)), AutoModel)
+    model = auto_class.from_pretrained(model_dir, config=config, trust_remote_code=True).to(device).eval()
+    try:
+        processor = AutoImageProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    except OSError:
+        logger.warning("%s has no image processor; resizing to the config's image size", model_dir)
+        size = {"height": config.image_size, "width": config.image_size}
+        processor = DenseCLViTImageProcessor(size=size, size_divisor=config.patch_size)
+    return model, processor
+
+
+def model_task(model: Any) -> str:
+    """'segmentation' or 'depth' from the model's class name; ValueError for any other model."""
+    name = type(model).__name__
+    task = next((task for suffix, task in _TASKS.items() if name.endswith(suffix)), None)
+    if task is None:
+        raise ValueError(
+            f"{name} is neither a segmentation nor a depth model; pass a fine-tuned model folder."
+        )
+    return task
+
+
+@torch.inference_mode()
+def predict_images(model: Any, processor: Any, images: Sequence[PIL.Image.Image]) -> list[np.ndarray]:
+    """Predictions at each image's own size: (H, W) int64 class ids or (H, W) float32 metres.
+
+    Images are preprocessed one by one (sizes may differ when the processor keeps the aspect ratio), then run in
+    batches of equal input size; the processor's post-processing resizes the outputs back to the images.
+    """
+    task = model_task(model)
+    device = next(model.parameters()).device
+    pixels = [processor(image, return_tensors="pt")["pixel_values"][0] for image in images]
+    predictions: list[np.ndarray | None] = [None] * len(images)
+    for shape in dict.fromkeys(p.shape for p in pixels):
+        indices = [i for i, p in enumerate(pixels) if p.shape == shape]
+        outputs = model(pixel_values=torch.stack([pixels[i] for i in indices]).to(device))
+        sizes = [(images[i].height, images[i].width) for i in indices]
+        if task == "segmentation":
+            maps = processor.post_process_semantic_segmentation(outputs, target_sizes=sizes)
+        else:
+            maps = [r["predicted_depth"] for r in processor.post_process_depth_estimation(outputs, sizes)]
+        for i, prediction in zip(indices, maps):
+            array = prediction.float().cpu().numpy() if task == "depth" else prediction.cpu().numpy()
+            predictions[i] = array.astype(np.float32 if task == "depth" else np.int64)
+    return predictions
+
+
+def render_prediction(
+    image: PIL.Image.Image, prediction: np.ndarray, task: str, id2label: dict | None = None
+):
+    """The picture of one prediction: `segmentation_figure` or `depth_figure`, (H', W', 3) uint8."""
+    if task == "segmentation":
+        return segmentation_figure(np.asarray(image), prediction, id2label)
+    return depth_figure(prediction)
+
+
+def render_example_prediction(
+    model_dir: str | os.PathLike,
+    image: str | os.PathLike | PIL.Image.Image | np.ndarray,
+    output_png: str | os.PathLike,
+    device: str = "cpu",
+) -> Path:
+    """Run a segmentation or depth model folder on one photograph and save the picture of its prediction."""
+    if isinstance(image, (str, os.PathLike)):
+        image = load_image(image)
+    elif not isinstance(image, PIL.Image.Image):
+        image = PIL.Image.fromarray(np.asarray(image))
+    image = to_rgb(image)
+    model, processor = load_pretrained(model_dir, device)
+    prediction = predict_images(model, processor, [image])[0]
+    return save_png(
+        render_prediction(image, prediction, model_task(model), model.config.id2label), output_png
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Patch features: PCA maps and [CLS] attention
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def principal_components(features: np.ndarray, num_components: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (N, k) and unit axes (k, D) of the top-k principal components of (N, D) features.
+
+    Axes come from the eigenvectors of the covariance, largest variance first, each signed so that its largest
+    loading is positive (scikit-learn's convention), which makes the colours repeatable.
+    """
+    features = np.asarray(features, dtype=np.float64)
+    centered = features - features.mean(axis=0)
+    eigenvalues, eigenvectors = np.linalg.eigh(centered.T @ centered)
+    axes = eigenvectors[:, ::-1][:, :num_components].T  # (k, D)
+    signs = np.sign(axes[np.arange(len(axes)), np.abs(axes).argmax(axis=1)])
+    axes = axes * np.where(signs == 0, 1.0, signs)[:, None]
+    return centered @ axes.T, axes
+
+
+def _minmax(values: np.ndarray) -> np.ndarray:
+    """Scale each column of (N, k) to [0, 1]; constant columns become 0."""
+    low, high = values.min(axis=0), values.max(axis=0)
+    return (values - low) / np.where(high > low, high - low, 1.0)
+
+
+def patch_border(grid: tuple[int, int]) -> np.ndarray:
+    """(h * w,) bool, True for the patches on the edge of an (h, w) grid (row-major)."""
+    border = np.ones(grid, dtype=bool)
+    border[1:-1, 1:-1] = False
+    return border.reshape(-1)
+
+
+def background_score(features: np.ndarray, border: np.ndarray) -> np.ndarray:
+    """First principal component of (N, D) features scaled to [0, 1] and signed so that the image border (the
+    `border` rows, usually background) scores higher than the rest: (N,)."""
+    score = _minmax(principal_components(features, 1)[0])[:, 0]
+    if border.any() and (~border).any() and score[border].mean() < score[~border].mean():
+        score = 1.0 - score
+    return score
+
+
+def pca_rgb(features: np.ndarray, foreground: np.ndarray | None = None) -> np.ndarray:
+    """(N, D) features -> (N, 3) colours in [0, 1]: the first three principal components, each min-max scaled.
+
+    With a `foreground` mask (N,) the components are those of the foreground rows only, and the rest is black,
+    as in the DINO and DINOv2 figures.
+    """
+    features = np.asarray(features, dtype=np.float64)
+    foreground = np.ones(len(features), dtype=bool) if foreground is None else np.asarray(foreground, bool)
+    rgb = np.zeros((len(features), 3))
+    if foreground.sum() >= 2:
+        scores = principal_components(features[foreground], 3)[0]
+        rgb[foreground, : scores.shape[1]] = _minmax(scores)
+    return rgb
+
+
+def cls_attention(attentions: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
+    """[CLS]-to-patch attention of one block, (B, heads, 1 + N, 1 + N) -> (B, heads, h, w), each map max-scaled."""
+    maps = attentions[:, :, 0, 1:].float()
+    maps = maps / maps.amax(dim=-1, keepdim=True).clamp_min(1e-12)
+    return maps.reshape(*maps.shape[:2], *grid).cpu().numpy()
+
+
+@torch.inference_mode()
+def encoder_features(encoder: Any, processor: Any, image: PIL.Image.Image, attention: bool = False) -> dict:
+    """Run the encoder on one image. Returns `features` (N, D) final patch tokens, `grid` (h, w) and, with
+    `attention`, `attention` (heads, h, w): the [CLS] attention of the last block."""
+    pixel_values = processor(image, return_tensors="pt")["pixel_values"]
+    device = next(encoder.parameters()).device
+    outputs = encoder(pixel_values=pixel_values.to(device), output_attentions=attention, return_dict=True)
+    grid = (
+        pixel_values.shape[-2] // encoder.config.patch_size,
+        pixel_values.shape[-1] // encoder.config.patch_size,
+    )
+    result = {"features": outputs.last_hidden_state[0, 1:].float().cpu().numpy(), "grid": grid}
+    if attention:
+        result["attention"] = cls_attention(outputs.attentions[-1], grid)[0]
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training curves
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a metrics.jsonl file (or of `path/metrics.jsonl`); a torn or malformed line is skipped."""
+    path = Path(path)
+    path = path / "metrics.jsonl" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics log at {path}; pass a run folder that holds metrics.jsonl.")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            logger.warning("%s:%d is not JSON; skipped", path, number)
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def metric_series(records: Sequence[dict]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Numeric key -> (steps, values) sorted by step. A step logged twice keeps its last value (a resumed run
+    appends to the log from its checkpoint's step); null (non-finite) values become NaN gaps."""
+    series: dict[str, dict[float, float]] = {}
+    for index, record in enumerate(records):
+        step = record.get("step", index)
+        for key, value in record.items():
+            if key in ("step", "time") or isinstance(value, bool):
+                continue
+            if isinstance(value, (int, float)) or (value is None and key in series):
+                series.setdefault(key, {})[float(step)] = math.nan if value is None else float(value)
+    return {
+        key: (np.array(sorted(points)), np.array([points[s] for s in sorted(points)]))
+        for key, points in series.items()
+    }
+
+
+def metric_panels(keys: Sequence[str]) -> dict[str, list[str]]:
+    """Group metric names into panels: losses, learning rate, throughput, evaluation, then one panel per other key."""
+    rules = (
+        ("loss", lambda k: "loss" in k),
+        ("learning rate", lambda k: k == "lr" or k.startswith("lr_") or "learning_rate" in k),
+        ("throughput", lambda k: "per_s" in k or "throughput" in k or "per_second" in k),
+        ("evaluation", lambda k: k.startswith(_EVAL_PREFIXES)),
+    )
+    panels: dict[str, list[str]] = {}
+    for key in sorted(keys, key=lambda k: (k.startswith(_EVAL_PREFIXES), k)):  # training series first
+        title = next((title for title, match in rules if match(key)), key)
+        panels.setdefault(title, []).append(key)
+    order = [title for title, _ in rules]
+    return dict(
+        sorted(panels.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order))
+    )
+
+
+def plot_run_curves(run_dirs: Sequence[str | os.PathLike], output: str | os.PathLike) -> Path:
+    """Draw every numeric series of each run's metrics.jsonl against the step, one panel per metric group
+    (`metric_panels`); runs share colours across panels and are named by their folder in the legends."""
+    runs = {_run_name(Path(run), run_dirs): metric_series(read_metrics(run)) for run in run_dirs}
+    panels = metric_panels(sorted({key for series in runs.values() for key in series}))
+    if not panels:
+        raise ValueError(
+            f"no numeric metrics in {[str(r) for r in run_dirs]}; log some values before plotting."
+        )
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = Figure(figsize=(5.2 * ncols, 3.6 * nrows), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    colors = colormaps["tab10"].colors
+    for ax, (title, keys) in zip(axes, panels.items()):
+        for run_index, (run, series) in enumerate(runs.items()):
+            for key_index, key in enumerate(k for k in keys if k in series):
+                steps, values = series[key]
+                color = colors[(run_index if len(runs) > 1 else key_index) % len(colors)]
+                label = f"{run}: {key}" if len(runs) > 1 else key
+                style = ("-", "--", ":", "-.")[key_index % 4] if len(runs) > 1 else "-"
+                ax.plot(
+                    steps, values, style, color=color, label=label, marker="o" if len(steps) < 30 else None
+                )
+        ax.set(title=title, xlabel="step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output)
+    return output
+
+
+def _run_name(run: Path, runs: Sequence[str | os.PathLike]) -> str:
+    """The run folder's name, with its parent when two runs share a name (e.g. .../a/run and .../b/run)."""
+    run = run.parent if run.name == "metrics.jsonl" else run
+    names = [(Path(r).parent if Path(r).name == "metrics.jsonl" else Path(r)).resolve().name for r in runs]
+    resolved = run.resolve()
+    return f"{resolved.parent.name}/{resolved.name}" if names.count(resolved.name) > 1 else resolved.name
