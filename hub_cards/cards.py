@@ -293,7 +293,7 @@ def eval_sections(inputs: CardInputs, report: EvalReport) -> dict[str, str]:
     }
 
 
-def eval_results_metadata(inputs: CardInputs, report: EvalReport) -> list[EvalResult]:
+def eval_results_metadata(report: EvalReport) -> list[EvalResult]:
     """The model-index entries of a report: one EvalResult per metric."""
     return [
         EvalResult(
@@ -375,7 +375,7 @@ def render_model_card(
         datasets=datasets or None,
         base_model=inputs.base_model,
         model_name=inputs.repo_id.split("/")[-1],
-        eval_results=eval_results_metadata(inputs, report) if report else None,
+        eval_results=eval_results_metadata(report) if report else None,
         widget=[{"src": task.widget, "example_title": "Sample photo"}],
     )
     variables = card_text(inputs, report)

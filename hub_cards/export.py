@@ -36,13 +36,14 @@ from densecl_vit.modeling import (
     DenseCLViTForSemanticSegmentation,
     DenseCLViTImageProcessor,
     DenseCLViTModel,
+    modeling_densecl_vit,
 )
 
 from . import stock
 from .cards import CardInputs, load_training_config, render_model_card, training_sources
 from .snippets import MODEL_TASKS
 
-MODELING_DIR = Path(__file__).resolve().parent.parent / "modeling"
+MODELING_DIR = Path(modeling_densecl_vit.__file__).resolve().parent
 TRAINING_CONFIG_NAMES = ("config.yaml", "training_config.yaml")
 EVAL_RESULTS_NAME = "eval_results.json"
 EXAMPLE_GLOB = "example*.png"
@@ -73,7 +74,13 @@ def load_release_model(model_dir: str | os.PathLike) -> PreTrainedModel:
         raise ValueError(
             f"{config_path} names architectures {architectures}; expected one of {sorted(MODEL_CLASSES)}."
         )
-    model = MODEL_CLASSES[architectures[0]].from_pretrained(model_dir)
+    model, info = MODEL_CLASSES[architectures[0]].from_pretrained(model_dir, output_loading_info=True)
+    problems = {
+        k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
+    }
+    if problems:
+        details = "; ".join(f"{k.replace('_', ' ')} {sorted(v)[:3]}" for k, v in problems.items())
+        raise ValueError(f"{model_dir} does not hold complete {architectures[0]} weights ({details}).")
     if isinstance(model, DenseCLViTForPreTraining):
         model = model.densecl_vit
     return model.float().eval()

@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from transformers.utils import logging as transformers_logging
+
 from densecl_vit.hub_cards.export import FORMATS, ReleaseOptions, build_release, push_folder
 
 
@@ -50,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None, api: Any = None) -> int:
     """Entry point; `api` replaces `huggingface_hub.HfApi()` for the push (tests pass a stand-in)."""
     args = parse_args(argv)
+    transformers_logging.disable_progress_bar()  # weight-loading bars of tiny files; errors stay one line
     try:
         if args.push and not args.repo_id:
             raise ValueError("--push needs --repo-id ORG/NAME.")

@@ -58,15 +58,12 @@ def find_images(inputs: list[Path]) -> list[Path]:
 
 
 def output_names(paths: list[Path]) -> list[str]:
-    """File stems, made unique with a -2, -3, ... suffix when two inputs share one."""
-    totals = Counter(p.stem for p in paths)
+    """File stems; a stem seen before gets a -2, -3, ... suffix so that no output overwrites another."""
     seen: Counter = Counter()
     names = []
     for path in paths:
         seen[path.stem] += 1
-        names.append(
-            path.stem if totals[path.stem] == 1 or seen[path.stem] == 1 else f"{path.stem}-{seen[path.stem]}"
-        )
+        names.append(path.stem if seen[path.stem] == 1 else f"{path.stem}-{seen[path.stem]}")
     return names
 
 

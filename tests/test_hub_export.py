@@ -11,7 +11,7 @@ import yaml
 from conftest import run_isolated, tiny_config
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from densecl_vit.hub_cards import stock
 from densecl_vit.hub_cards.export import ReleaseOptions, build_release, list_files, push_folder
@@ -289,7 +289,8 @@ def test_remote_code_folders_name_only_their_task_class(runs):
         }
         assert {p.name for p in folder.glob("*.py")} == code
         with safe_open(folder / "model.safetensors", "pt") as weights:
-            assert {weights.get_tensor(k).dtype for k in weights.keys()} == {torch.float32}
+            tensors = [weights.get_tensor(k) for k in weights.keys()]
+        assert {t.dtype for t in tensors if t.is_floating_point()} == {torch.float32}
         assert (folder / "README.md").is_file()
 
 
@@ -436,3 +437,13 @@ def test_existing_output_is_never_overwritten_silently(runs, tmp_path):
     assert not (tmp_path / "rel" / "notes.txt").exists()
     with pytest.raises(ValueError, match="would contain the model folder"):
         build_release(runs.root / "depth-run/model", runs.root / "depth-run", ReleaseOptions(overwrite=True))
+
+
+def test_folder_with_incomplete_weights_is_refused(tmp_path):
+    folder = _save(DenseCLViTForDepthEstimation(tiny_config()), tmp_path / "model")
+    weights = load_file(folder / "model.safetensors")
+    save_file(
+        {k: v for k, v in weights.items() if not k.startswith("regressor.")}, folder / "model.safetensors"
+    )
+    with pytest.raises(ValueError, match="does not hold complete DenseCLViTForDepthEstimation weights"):
+        build_release(folder, tmp_path / "rel", ReleaseOptions())

@@ -214,6 +214,17 @@ def test_predict_depth_script_in_process(tmp_path, photos, depth_dir, capsys):
         np.testing.assert_array_equal(figure[:, : image.width], expected)
 
 
+def test_label_maps_of_many_classes_are_saved_as_uint16(tmp_path):
+    predict = load_script("predict")
+    labels = np.arange(12, dtype=np.int64).reshape(3, 4) * 27  # up to 297
+    image = PIL.Image.fromarray(np.full((3, 4, 3), 128, np.uint8))
+    id2label = {i: f"class {i}" for i in range(300)}
+    predict.save_prediction(tmp_path, "many", image, labels, "segmentation", id2label)
+    saved = read_png(tmp_path / "many_labels.png")
+    assert saved.dtype == np.uint16
+    np.testing.assert_array_equal(saved, labels)
+
+
 def test_predict_rejects_an_encoder_folder(tmp_path):
     folder = save_model(DenseCLViTModel(tiny_config()), tmp_path / "encoder")
     model, _ = visualize.load_pretrained(folder)

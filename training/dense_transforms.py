@@ -5,7 +5,8 @@
   than `cat_max_ratio` of it, horizontal flip, photometric distortion (brightness, contrast, saturation, hue as
   mmseg's `PhotoMetricDistortion`), normalisation, padding to the crop (image 0, labels `ignore_index`).
 - `DepthAugment` (the BTS / AdaBins NYU recipe): upscale when smaller than the crop, random crop, horizontal
-  flip, colour jitter (gamma, brightness, per-channel colour, with probability 0.5) on the image only.
+  flip, colour jitter (gamma, brightness, per-channel colour, with probability 0.5) on the image only;
+  invalid depth (non-finite, or outside the configured range) becomes 0 (`mask_invalid_depth`).
 
 Images are resampled bilinearly, label maps and depth maps with nearest neighbours (no invented classes, no
 blending of valid depth with invalid zeros). Everything random comes from the `rng` passed in.
@@ -40,6 +41,24 @@ def _resize_pair(
     rows = np.minimum((np.arange(size[1]) + 0.5) * target.shape[0] / size[1], target.shape[0] - 1).astype(int)
     cols = np.minimum((np.arange(size[0]) + 0.5) * target.shape[1] / size[0], target.shape[1] - 1).astype(int)
     return image, target[rows[:, None], cols[None, :]]
+
+
+def keep_ratio_size(width: int, height: int, bounds: tuple[float, float]) -> tuple[int, int]:
+    """(width, height) scaled with the aspect ratio kept so that the long side is <= bounds[0] and the short side
+    <= bounds[1], one of them equal (mmseg's keep-ratio Resize)."""
+    scale = min(bounds[0] / max(width, height), bounds[1] / min(width, height))
+    return max(1, int(width * scale + 0.5)), max(1, int(height * scale + 0.5))
+
+
+def rescale_within(image: PIL.Image.Image, bounds: tuple[float, float]) -> PIL.Image.Image:
+    """Keep-ratio bilinear resize of an image to fit (long, short) `bounds` (evaluation's rescale)."""
+    size = keep_ratio_size(*image.size, bounds)
+    return image if size == image.size else image.resize(size, PIL.Image.BILINEAR)
+
+
+def to_pixel_values(image: PIL.Image.Image, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """RGB image -> normalised float32 (3, H, W)."""
+    return normalize(_to_float(image), mean, std)[0]
 
 
 def _crop_box(
@@ -112,11 +131,8 @@ class SegmentationAugment:
 
     def _rescale(self, image: PIL.Image.Image, label: np.ndarray, rng: np.random.Generator):
         ratio = rng.uniform(*self.cfg.scale_range)
-        long_bound, short_bound = (bound * ratio for bound in self.cfg.scale_bounds)
-        width, height = image.size
-        scale = min(long_bound / max(width, height), short_bound / min(width, height))
-        size = (max(1, int(width * scale + 0.5)), max(1, int(height * scale + 0.5)))
-        return _resize_pair(image, label, size)
+        bounds = (self.cfg.scale_bounds[0] * ratio, self.cfg.scale_bounds[1] * ratio)
+        return _resize_pair(image, label, keep_ratio_size(*image.size, bounds))
 
     def _crop(self, label: np.ndarray, rng: np.random.Generator) -> tuple[int, int, int, int]:
         box = _crop_box(rng, *label.shape, self.cfg.crop_size)
@@ -161,6 +177,8 @@ class DepthAugmentConfig:
         flip_p: probability of a horizontal flip.
         color_jitter: apply, with probability `jitter_p`, gamma, brightness and per-channel colour factors drawn
             uniformly from `gamma_range`, `brightness_range` and `color_range`.
+        min_depth, max_depth: depth <= min_depth or >= max_depth becomes 0 (invalid); None skips that bound.
+            Non-finite depth always becomes 0.
     """
 
     crop_size: tuple[int, int] = (416, 544)
@@ -170,8 +188,22 @@ class DepthAugmentConfig:
     gamma_range: tuple[float, float] = (0.9, 1.1)
     brightness_range: tuple[float, float] = (0.75, 1.25)
     color_range: tuple[float, float] = (0.9, 1.1)
+    min_depth: float | None = None
+    max_depth: float | None = None
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+
+
+def mask_invalid_depth(
+    depth: torch.Tensor, min_depth: float | None = None, max_depth: float | None = None
+) -> torch.Tensor:
+    """A copy of depth with non-finite values, values <= min_depth and values >= max_depth set to 0 (invalid)."""
+    invalid = ~torch.isfinite(depth)
+    if min_depth is not None:
+        invalid |= depth <= min_depth
+    if max_depth is not None:
+        invalid |= depth >= max_depth
+    return depth.masked_fill(invalid, 0.0)
 
 
 class DepthAugment:
@@ -205,4 +237,5 @@ class DepthAugment:
             x, y = x.flip(-1), y.flip(-1)
         if cfg.color_jitter:
             x = self._jitter(x.contiguous(), rng)
-        return normalize(x.contiguous(), cfg.mean, cfg.std)[0], y.contiguous()
+        y = mask_invalid_depth(y, cfg.min_depth, cfg.max_depth)
+        return normalize(x.contiguous(), cfg.mean, cfg.std)[0], y

@@ -1,14 +1,15 @@
-"""Monocular depth fine-tuning (NYU-Depth V2 protocol): options, samples, model, evaluation, `main`.
+"""Monocular depth fine-tuning (NYU-Depth V2 protocol): options, samples, evaluation, `main`.
 
 Data: any `datasets` dataset with an image column and a depth column (`depth_map` by default, as NYU-Depth V2 on
 the Hub): float arrays in metres, or integer images such as 16-bit PNGs scaled to metres by `--depth-scale`.
 Pixels that are 0, non-finite or outside (min_depth, max_depth) are invalid: masked in the loss and the metrics.
 
-Training samples: random crop, horizontal flip (image and depth together) and colour jitter (image only), from
-`dense_transforms`. Evaluation: the whole image (resized to `--eval-size`, or to the nearest multiple of the
-patch size), the prediction resized back to the ground truth and clipped to [min_depth, max_depth]; AbsRel,
-SqRel, RMSE, RMSE log, log10 and delta1-3 over 1e-3 < gt < 10 (the depth range) inside the Eigen crop, per image
-and averaged over images by the local `evaluate` module `depth_metrics`.
+Training samples (`dense_transforms.DepthAugment`): random crop and horizontal flip of image and depth together,
+colour jitter on the image. Evaluation: the whole image (resized to `--eval-size`, or to the nearest multiple of
+the patch size), the prediction resized back to the ground truth and clipped to [min_depth, max_depth]; AbsRel,
+SqRel, RMSE, RMSE log, log10 and delta1-3 over min_depth < gt < max_depth (1e-3 and 10 m for NYU), inside the
+Eigen crop when asked, per image and averaged over the images of all processes by the local `evaluate` module
+`depth_metrics`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from torch import nn
 from ..modeling import DenseCLViTForDepthEstimation
 from .config import save_config
 from .data import open_stream, resolve_column
-from .dense_transforms import DepthAugment, DepthAugmentConfig
+from .dense_transforms import DepthAugment, DepthAugmentConfig, to_pixel_values
 from .engine import (
     build_accelerator,
     resume,
@@ -41,22 +42,20 @@ from .engine import (
 )
 from .finetuning import (
     FINETUNE_CRITICAL_KEYS,
+    EvalSource,
     EvaluateConfig,
     FinetuneArgs,
     build_optimizer,
-    dataset_entry,
     describe_load,
-    eval_loader,
     load_finetuned,
     load_task_model,
     metric_module,
-    open_eval_stream,
+    open_eval_source,
     train_and_finish,
     train_loader,
 )
 from .optim import describe_param_groups
 from .samples import decode_depth, decode_image, validate_depth
-from .segmentation import to_pixel_values
 
 TASK = "depth-estimation"
 DEPTH_METRICS = ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "delta1", "delta2", "delta3")
@@ -96,7 +95,7 @@ class FinetuneDepthConfig(FinetuneArgs):
     min_depth: float = _opt(1e-3, "smallest valid depth in metres (ground truth at or below is invalid)")
     max_depth: float = _opt(10.0, "largest valid depth in metres; the head's output range")
     depth_head: Literal["linear", "upernet"] = _opt("linear", "depth head")
-    color_jitter: bool = _opt(True, "random brightness, contrast, saturation and hue on the image")
+    color_jitter: bool = _opt(True, "random gamma, brightness and colour on the image")
     eigen_crop: bool | None = _opt(
         None, "evaluate inside the Eigen crop; default: on when --dataset names NYU"
     )
@@ -116,9 +115,6 @@ class FinetuneDepthConfig(FinetuneArgs):
                 f"--eval-size {self.eval_size} must hold positive multiples of the patch size {patch_size}"
             )
 
-    def use_eigen_crop(self) -> bool:
-        return auto_eigen_crop(self.eigen_crop, self.dataset)
-
 
 def auto_eigen_crop(eigen_crop: bool | None, dataset: str) -> bool:
     """An explicit choice, else on for NYU-Depth V2 (a dataset name containing "nyu")."""
@@ -129,15 +125,10 @@ def auto_eigen_crop(eigen_crop: bool | None, dataset: str) -> bool:
 
 
 def _decode(
-    example: Mapping[str, Any],
-    image_column: str,
-    depth_column: str,
-    depth_scale: float,
-    min_depth: float,
-    max_depth: float,
-) -> tuple[PIL.Image.Image, np.ndarray] | str:
-    image = decode_image(example[image_column])
-    depth = decode_depth(example[depth_column], depth_scale)
+    example: Mapping[str, Any], columns: tuple[str, str], scale: float, min_depth: float, max_depth: float
+):
+    """(RGB image, (H, W) float32 depth in metres), or the reason to skip the example."""
+    image, depth = decode_image(example[columns[0]]), decode_depth(example[columns[1]], scale)
     reason = validate_depth(image, depth, min_depth, max_depth)
     return reason if reason is not None else (image, depth)
 
@@ -145,15 +136,14 @@ def _decode(
 def depth_train_sample(
     example: Mapping[str, Any],
     rng: np.random.Generator,
-    image_column: str,
-    depth_column: str,
+    columns: tuple[str, str],
     depth_scale: float,
     min_depth: float,
     max_depth: float,
     augment: DepthAugment,
 ) -> dict[str, torch.Tensor] | str:
     """A stream example -> {"pixel_values" (3, h, w), "labels" (h, w) metres, 0 = invalid}, or a skip reason."""
-    decoded = _decode(example, image_column, depth_column, depth_scale, min_depth, max_depth)
+    decoded = _decode(example, columns, depth_scale, min_depth, max_depth)
     if isinstance(decoded, str):
         return decoded
     pixel_values, depth = augment(*decoded, rng)
@@ -161,19 +151,20 @@ def depth_train_sample(
 
 
 def eval_input_size(
-    height: int, width: int, patch_size: int, eval_size: tuple[int, int] | None
+    height: int, width: int, patch_size: int, eval_size: tuple[int, int] | None = None
 ) -> tuple[int, int]:
     """`eval_size`, else (height, width) rounded to the nearest multiples of the patch size (at least one patch)."""
     if eval_size is not None:
-        return tuple(eval_size)
-    return tuple(max(patch_size, round(side / patch_size) * patch_size) for side in (height, width))
+        return int(eval_size[0]), int(eval_size[1])
+    return max(patch_size, round(height / patch_size) * patch_size), max(
+        patch_size, round(width / patch_size) * patch_size
+    )
 
 
 def depth_eval_sample(
     example: Mapping[str, Any],
     rng: np.random.Generator,
-    image_column: str,
-    depth_column: str,
+    columns: tuple[str, str],
     depth_scale: float,
     min_depth: float,
     max_depth: float,
@@ -181,7 +172,7 @@ def depth_eval_sample(
     eval_size: tuple[int, int] | None,
 ) -> dict[str, torch.Tensor] | str:
     """{"pixel_values" (3, h, w) at the model's input size, "labels" (H, W) ground truth in metres}."""
-    decoded = _decode(example, image_column, depth_column, depth_scale, min_depth, max_depth)
+    decoded = _decode(example, columns, depth_scale, min_depth, max_depth)
     if isinstance(decoded, str):
         return decoded
     image, depth = decoded
@@ -194,60 +185,93 @@ def depth_eval_sample(
 # --- evaluation ---------------------------------------------------------------------------------------
 
 
-def predict_depth(model: nn.Module, pixel_values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Depth (B, H, W) in metres for images (B, 3, h, w), resized bilinearly to `size` = (H, W) and clipped to
-    the model's [min_depth, max_depth]."""
+@dataclasses.dataclass(frozen=True)
+class DepthProtocol:
+    """Evaluation settings: valid ground-truth range (predictions are clipped to it), Eigen crop, input size."""
+
+    min_depth: float = 1e-3
+    max_depth: float = 10.0
+    eigen_crop: bool = True
+    eval_size: tuple[int, int] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The "protocol" object of eval_results.json."""
+        return {
+            "min_depth": self.min_depth,
+            "max_depth": self.max_depth,
+            "eigen_crop": self.eigen_crop,
+            "eval_size": list(self.eval_size) if self.eval_size else "image size rounded to the patch size",
+            "clip_predictions": True,
+            "averaging": "per image",
+            "flip": False,
+        }
+
+
+def predict_depth(
+    model: nn.Module, pixel_values: torch.Tensor, size: tuple[int, int], min_depth: float, max_depth: float
+) -> torch.Tensor:
+    """Depth (B, H, W) in metres for images (B, 3, h, w): resized bilinearly to `size` = (H, W), clipped."""
     depth = model(pixel_values=pixel_values).predicted_depth.float()
     if tuple(depth.shape[-2:]) != tuple(size):
-        depth = F.interpolate(depth[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-    return depth.clamp(model.config.min_depth, model.config.max_depth)
+        depth = F.interpolate(depth[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+    return depth.clamp(min_depth, max_depth)
 
 
 @torch.inference_mode()
 def evaluate_depth(
-    model: nn.Module,
-    loader: Any,
-    accelerator: Accelerator,
-    eigen_crop: bool = True,
-    metrics_module: Any = None,
+    model: nn.Module, loader: Any, accelerator: Accelerator, protocol: DepthProtocol
 ) -> dict[str, float]:
-    """Per-image depth metrics of `model` over every process's share of `loader`, averaged over all images.
-
-    The valid range is the model's (min_depth, max_depth). Returns the eight metrics, num_images, num_skipped.
-    """
+    """The `depth_metrics` evaluate module's per-image metrics of `model` over every process's share of
+    `loader`, averaged over all images: the eight metrics, num_images, num_skipped (no valid pixel)."""
     model.eval()
-    min_depth, max_depth = model.config.min_depth, model.config.max_depth
-    module = metrics_module or metric_module("depth_metrics", accelerator)
+    module = metric_module("depth_metrics", accelerator)
     per_image = []
     for batch in loader:
         labels = batch["labels"].numpy()
-        predictions = predict_depth(model, batch["pixel_values"].to(accelerator.device), labels.shape[-2:])
+        predictions = predict_depth(
+            model,
+            batch["pixel_values"].to(accelerator.device),
+            labels.shape[-2:],
+            protocol.min_depth,
+            protocol.max_depth,
+        )
         for prediction, depth in zip(predictions.cpu().numpy(), labels):
-            per_image.append(module.depth_errors(prediction, depth, min_depth, max_depth, eigen_crop))
-    per_image = gather_object(per_image) if accelerator.num_processes > 1 else per_image
+            per_image.append(
+                module.depth_errors(
+                    prediction, depth, protocol.min_depth, protocol.max_depth, protocol.eigen_crop
+                )
+            )
+    if accelerator.num_processes > 1:
+        per_image = gather_object(per_image)
     return module.average_depth_errors(per_image)
 
 
-def eval_protocol(min_depth: float, max_depth: float, eigen_crop: bool, eval_size: Any) -> dict[str, Any]:
+def evaluation_report(
+    model: nn.Module,
+    source: EvalSource,
+    accelerator: Accelerator,
+    protocol: DepthProtocol,
+    depth_scale: float = 1.0,
+) -> dict[str, Any]:
+    """Evaluate on `source`; returns the eval_results.json fields (all but "task")."""
+    sample = functools.partial(
+        depth_eval_sample,
+        columns=source.columns,
+        depth_scale=depth_scale,
+        min_depth=protocol.min_depth,
+        max_depth=protocol.max_depth,
+        patch_size=model.config.patch_size,
+        eval_size=protocol.eval_size,
+    )
+    results = evaluate_depth(model, source.loader(sample, accelerator), accelerator, protocol)
     return {
-        "min_depth": min_depth,
-        "max_depth": max_depth,
-        "eigen_crop": eigen_crop,
-        "eval_size": list(eval_size) if eval_size else "image size rounded to the patch size",
-        "clip_predictions": True,
-        "averaging": "per image",
-        "flip": False,
-    }
-
-
-def depth_report(results: Mapping[str, Any], dataset: Mapping, protocol: Mapping) -> tuple[dict, dict]:
-    """(scalar metrics, the eval_results.json fields) from `evaluate_depth`'s results."""
-    scalars = {name: float(results[name]) for name in DEPTH_METRICS}
-    protocol = {**protocol, "num_skipped": int(results["num_skipped"])}
-    return scalars, {
-        "dataset": dict(dataset),
-        "metrics": scalars,
-        "protocol": protocol,
+        "dataset": source.dataset,
+        "metrics": {name: float(results[name]) for name in DEPTH_METRICS},
+        "protocol": {
+            **protocol.to_dict(),
+            "depth_scale": depth_scale,
+            "num_skipped": int(results["num_skipped"]),
+        },
         "num_samples": int(results["num_images"]),
     }
 
@@ -258,11 +282,11 @@ def depth_report(results: Mapping[str, Any], dataset: Mapping, protocol: Mapping
 def resolve_columns(cfg: Any, features: Any) -> tuple[str, str]:
     """(image column, depth column) of a stream."""
     depth_column = resolve_column(features, cfg.depth_column, "depth")
-    image_column = resolve_column(features, cfg.image_column, "image", exclude=[depth_column])
-    return image_column, depth_column
+    return resolve_column(features, cfg.image_column, "image", exclude=[depth_column]), depth_column
 
 
 def build_model(cfg: FinetuneDepthConfig) -> tuple[DenseCLViTForDepthEstimation, dict[str, Any]]:
+    """The depth model on the --model start, with the head, depth range and drop path."""
     model, report = load_task_model(
         DenseCLViTForDepthEstimation,
         cfg.model,
@@ -277,60 +301,26 @@ def build_model(cfg: FinetuneDepthConfig) -> tuple[DenseCLViTForDepthEstimation,
     return model, report
 
 
-def make_evaluate_fn(cfg: FinetuneDepthConfig, accelerator: Accelerator, columns: tuple[str, str]) -> Any:
-    """`model -> (scalar metrics, eval_results report)` over --eval-split, or None without one."""
-    stream = open_eval_stream(cfg)
-    if stream is None:
-        return None
-    sample = functools.partial(
-        depth_eval_sample,
-        image_column=columns[0],
-        depth_column=columns[1],
+def train_sample_fn(cfg: FinetuneDepthConfig, columns: tuple[str, str]) -> Any:
+    return functools.partial(
+        depth_train_sample,
+        columns=columns,
         depth_scale=cfg.depth_scale,
         min_depth=cfg.min_depth,
         max_depth=cfg.max_depth,
-        patch_size=cfg.patch_size(),
-        eval_size=cfg.eval_size,
+        augment=DepthAugment(DepthAugmentConfig(crop_size=cfg.crop_size, color_jitter=cfg.color_jitter)),
     )
-    module = metric_module("depth_metrics", accelerator)
-    dataset = dataset_entry(cfg.dataset, cfg.dataset_config, cfg.eval_split, cfg.dataset_name)
-    protocol = eval_protocol(cfg.min_depth, cfg.max_depth, cfg.use_eigen_crop(), cfg.eval_size)
-
-    def evaluate_fn(model: nn.Module) -> tuple[dict[str, float], dict[str, Any]]:
-        loader = eval_loader(
-            stream,
-            sample,
-            columns,
-            accelerator.process_index,
-            accelerator.num_processes,
-            cfg.num_workers,
-            cfg.max_eval_samples,
-            cfg.max_bad_fraction,
-        )
-        results = evaluate_depth(model, loader, accelerator, cfg.use_eigen_crop(), module)
-        return depth_report(results, dataset, protocol)
-
-    return evaluate_fn
 
 
 def main(cfg: FinetuneDepthConfig) -> dict[str, Any]:
     """Fine-tune as `cfg` says; returns the results written to results.json."""
     accelerator = build_accelerator(cfg)
-    output_dir = Path(cfg.output_dir)
     if accelerator.is_main_process:
-        save_config(cfg, output_dir / "config.yaml")
+        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
     with setup_errors():
         stream = open_stream(cfg.dataset, cfg.dataset_config, cfg.split, data_files=cfg.data_files)
         columns = resolve_columns(cfg, stream.features)
-        sample = functools.partial(
-            depth_train_sample,
-            image_column=columns[0],
-            depth_column=columns[1],
-            depth_scale=cfg.depth_scale,
-            min_depth=cfg.min_depth,
-            max_depth=cfg.max_depth,
-            augment=DepthAugment(augment_config(cfg)),
-        )
+        sample = train_sample_fn(cfg, columns)
         loader = train_loader(
             cfg, stream, sample, columns, accelerator.process_index, accelerator.num_processes
         )
@@ -340,7 +330,19 @@ def main(cfg: FinetuneDepthConfig) -> dict[str, Any]:
         model = model.to(accelerator.device)
         optimizer, scheduler = build_optimizer(cfg, model, total_steps)
         accelerator.print(describe_param_groups(optimizer.param_groups))
-        evaluate_fn = make_evaluate_fn(cfg, accelerator, columns)
+        evaluate_fn = None
+        if cfg.eval_split is not None:
+            source = open_eval_source(cfg, cfg.eval_split, resolve_columns, cfg.max_eval_samples)
+            protocol = DepthProtocol(
+                cfg.min_depth, cfg.max_depth, auto_eigen_crop(cfg.eigen_crop, cfg.dataset), cfg.eval_size
+            )
+            evaluate_fn = functools.partial(
+                evaluation_report,
+                source=source,
+                accelerator=accelerator,
+                protocol=protocol,
+                depth_scale=cfg.depth_scale,
+            )
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         signature = run_signature(cfg, accelerator)
         state = resume(accelerator, cfg, signature, DEPTH_CRITICAL_KEYS, loader)
@@ -359,37 +361,20 @@ def main(cfg: FinetuneDepthConfig) -> dict[str, Any]:
     )
 
 
-def augment_config(cfg: FinetuneDepthConfig) -> DepthAugmentConfig:
-    return DepthAugmentConfig(crop_size=cfg.crop_size, color_jitter=cfg.color_jitter)
-
-
 def evaluate_folder(cfg: EvaluateConfig, accelerator: Accelerator) -> dict[str, Any]:
-    """Evaluate a fine-tuned depth folder as `cfg` says; returns the eval_results.json fields."""
+    """Evaluate a fine-tuned depth folder as `cfg` says (depth range: the model's); returns the
+    eval_results.json fields."""
     model = load_finetuned(DenseCLViTForDepthEstimation, cfg.model).to(accelerator.device)
-    stream = open_stream(cfg.dataset, cfg.dataset_config, cfg.split, data_files=cfg.data_files)
-    columns = resolve_columns(cfg, stream.features)
-    min_depth, max_depth = model.config.min_depth, model.config.max_depth
-    sample = functools.partial(
-        depth_eval_sample,
-        image_column=columns[0],
-        depth_column=columns[1],
-        depth_scale=cfg.depth_scale,
-        min_depth=min_depth,
-        max_depth=max_depth,
-        patch_size=model.config.patch_size,
-        eval_size=cfg.eval_size,
+    patch_size = model.config.patch_size
+    if cfg.eval_size is not None and any(side % patch_size for side in cfg.eval_size):
+        raise ValueError(
+            f"--eval-size {cfg.eval_size} must hold multiples of the model's patch size {patch_size}"
+        )
+    protocol = DepthProtocol(
+        model.config.min_depth,
+        model.config.max_depth,
+        auto_eigen_crop(cfg.eigen_crop, cfg.dataset),
+        cfg.eval_size,
     )
-    loader = eval_loader(
-        stream,
-        sample,
-        columns,
-        accelerator.process_index,
-        accelerator.num_processes,
-        cfg.num_workers,
-        cfg.max_samples,
-        cfg.max_bad_fraction,
-    )
-    eigen_crop = auto_eigen_crop(cfg.eigen_crop, cfg.dataset)
-    results = evaluate_depth(model, loader, accelerator, eigen_crop)
-    dataset = dataset_entry(cfg.dataset, cfg.dataset_config, cfg.split, cfg.dataset_name)
-    return depth_report(results, dataset, eval_protocol(min_depth, max_depth, eigen_crop, cfg.eval_size))[1]
+    source = open_eval_source(cfg, cfg.split, resolve_columns, cfg.max_samples)
+    return evaluation_report(model, source, accelerator, protocol, cfg.depth_scale)

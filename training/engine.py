@@ -119,6 +119,7 @@ class TrainingArgs:
     )
     max_bad_fraction: float = _opt(0.5, "stop when more than this fraction of the examples cannot be used")
     max_nonfinite_steps: int = _opt(10, "stop after this many non-finite (NaN/inf) steps in a row")
+    plot_curves: bool = _opt(True, "draw OUTPUT_DIR/curves.png from metrics.jsonl at the end")
 
     def validate(self) -> None:
         """Refuse impossible values of the shared options with a one-line message (before any loading)."""
@@ -238,6 +239,7 @@ def build_accelerator(args: TrainingArgs) -> Accelerator:
         format="%(levelname)s %(name)s: %(message)s",
         level=logging.INFO if accelerator.is_main_process else logging.WARNING,
     )
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is too chatty
     set_seed(args.seed)
     return accelerator
 
@@ -352,7 +354,8 @@ def _save(
         "data_states": gather_object([loader.state_dict()]),  # one stream position per process
         "config": dict(signature),
     }
-    save_checkpoint(accelerator, args.output_dir, state.step, extra, keep_last=args.keep_last)
+    path = save_checkpoint(accelerator, args.output_dir, state.step, extra, keep_last=args.keep_last)
+    logger.info("saved checkpoint %s", path)
 
 
 class _LossWindow:
@@ -526,7 +529,8 @@ def finish_run(
             f"{skips.seen} ({skips.summary()}); non-finite steps skipped: {state.nonfinite_skips}; "
             f"results in {output_dir / 'results.json'}"
         )
-        _plot_curves(output_dir)
+        if args.plot_curves:
+            _plot_curves(output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results

@@ -26,7 +26,6 @@ from ..modeling import DenseCLViTConfig, DenseCLViTImageProcessor
 from .conversion import resample_position_embeddings
 from .data import StreamingSamples, StreamLoader, build_dataloader, open_stream
 from .engine import CRITICAL_KEYS, TrainerState, TrainingArgs, finish_run, save_model, train_loop
-from .metrics import load_metric
 from .optim import (
     build_adam,
     build_adamw,
@@ -224,37 +223,46 @@ def train_loader(
     return build_dataloader(samples, cfg.per_device_batch_size, num_workers=cfg.num_workers)
 
 
-def eval_loader(
-    stream: Any,
-    make_sample: Callable,
-    columns: Sequence[str],
-    process_index: int = 0,
-    num_processes: int = 1,
-    num_workers: int | None = None,
-    max_samples: int | None = None,
-    max_bad_fraction: float = 0.5,
-) -> StreamLoader:
-    """One pass over an evaluation stream in its stored order, one image per batch (sizes differ), this
-    process's share only (`max_samples` counts over all processes)."""
-    if max_samples is not None:
-        stream = stream.take(max_samples)
-    samples = StreamingSamples(
+@dataclasses.dataclass
+class EvalSource:
+    """An evaluation split: its stream and (image, target) columns, its eval_results.json "dataset" entry, and
+    how to read it (`max_samples` counts over all processes)."""
+
+    stream: Any
+    columns: tuple[str, str]
+    dataset: dict[str, Any]
+    num_workers: int | None = None
+    max_samples: int | None = None
+    max_bad_fraction: float = 0.5
+
+    def loader(self, make_sample: Callable, accelerator: Accelerator) -> StreamLoader:
+        """One pass over this process's share in the stored order, one image per batch (sizes differ)."""
+        stream = self.stream.take(self.max_samples) if self.max_samples is not None else self.stream
+        samples = StreamingSamples(
+            stream,
+            make_sample,
+            process_index=accelerator.process_index,
+            num_processes=accelerator.num_processes,
+            shuffle_buffer=0,
+            columns=list(self.columns),
+            max_bad_fraction=self.max_bad_fraction,
+        )
+        return build_dataloader(samples, 1, num_workers=self.num_workers, drop_last=False)
+
+
+def open_eval_source(
+    cfg: Any, split: str, resolve_columns: Callable[[Any, Any], tuple[str, str]], max_samples: int | None
+) -> EvalSource:
+    """The `split` of `cfg.dataset` (a fine-tuning or evaluation config) as an `EvalSource`."""
+    stream = open_stream(cfg.dataset, cfg.dataset_config, split, data_files=cfg.data_files)
+    return EvalSource(
         stream,
-        make_sample,
-        process_index=process_index,
-        num_processes=num_processes,
-        shuffle_buffer=0,
-        columns=list(columns),
-        max_bad_fraction=max_bad_fraction,
+        resolve_columns(cfg, stream.features),
+        dataset_entry(cfg.dataset, cfg.dataset_config, split, cfg.dataset_name),
+        cfg.num_workers,
+        max_samples,
+        cfg.max_bad_fraction,
     )
-    return build_dataloader(samples, 1, num_workers=num_workers, drop_last=False)
-
-
-def open_eval_stream(cfg: FinetuneArgs) -> Any:
-    """The --eval-split stream (None when evaluation is off)."""
-    if cfg.eval_split is None:
-        return None
-    return open_stream(cfg.dataset, cfg.dataset_config, cfg.eval_split, data_files=cfg.data_files)
 
 
 # --- evaluation ---------------------------------------------------------------------------------------
@@ -276,6 +284,8 @@ def preserved_rng(device: torch.device) -> Iterator[None]:
 def metric_module(name: str, accelerator: Accelerator | None = None) -> types.ModuleType:
     """The Python module `evaluate.load` built for the local metric `name` (main process first: one cache
     write). The final numbers go through its functions, so the reported path is the `evaluate` module."""
+    from .metrics import load_metric  # imports `evaluate` (seconds): only runs that evaluate pay for it
+
     context = accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext()
     with context:
         metric = load_metric(name)
@@ -315,19 +325,19 @@ def write_eval_results(
 
 
 class PeriodicEvaluator:
-    """The engine's `evaluate(state)` callback: runs `evaluate_fn(model)` -> (scalar metrics, full report) on
-    the unwrapped model with the RNG preserved, keeps the last report and its step for the final write."""
+    """The engine's `evaluate(state)` callback: `evaluate_fn(model)` gives the eval_results.json fields; it runs
+    on the unwrapped model with the RNG streams preserved, and the last report is kept for the final write."""
 
-    def __init__(self, accelerator: Accelerator, model: nn.Module, evaluate_fn: Callable[[nn.Module], Any]):
+    def __init__(self, accelerator: Accelerator, model: nn.Module, evaluate_fn: Callable[[nn.Module], dict]):
         self.accelerator, self.model, self.evaluate_fn = accelerator, model, evaluate_fn
         self.last_step: int | None = None
         self.last_report: dict[str, Any] | None = None
 
     def __call__(self, state: TrainerState) -> dict[str, float]:
         with preserved_rng(self.accelerator.device):
-            scalars, report = self.evaluate_fn(self.accelerator.unwrap_model(self.model))
-        self.last_step, self.last_report = state.step, report
-        return scalars
+            self.last_report = self.evaluate_fn(self.accelerator.unwrap_model(self.model))
+        self.last_step = state.step
+        return dict(self.last_report["metrics"])
 
     def final(self, state: TrainerState) -> dict[str, Any]:
         """The report of the model at `state.step`, evaluating only if that step was not evaluated yet."""
@@ -407,7 +417,7 @@ def train_and_finish(
 class EvaluateConfig:
     """Evaluate a fine-tuned segmentation or depth model folder on a dataset split; writes eval_results.json.
 
-    Run with `python scripts/evaluate.py --task segmentation --model DIR --dataset DATA [--split validation]`
+    Run with `python scripts/evaluate_model.py --task segmentation --model DIR --dataset DATA [--split validation]`
     (or under `accelerate launch` to share the images over processes).
     """
 

@@ -1,7 +1,7 @@
 """Local-to-global contrastive pre-training: the options, and the data, model and optimiser phases of
 `scripts/pretrain.py`. The loop itself is `engine.train_loop`, shared with the fine-tuning scripts.
 
-Outputs in ``--output-dir``: ``config.yaml`` (the resolved options, written first), ``metrics.jsonl``,
+Outputs in ``--output-dir``: ``config.yaml`` (the resolved options, written before the first step), ``metrics.jsonl``,
 ``checkpoints/step-*``, and once training completes ``final/`` (the encoder, a `DenseCLViTModel`
 `save_pretrained` folder with its image processor: what `AutoModel` and the fine-tuning scripts load),
 ``final_pretraining/`` (encoder + projection head, a `DenseCLViTForPreTraining` folder that
@@ -245,8 +245,6 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     """Pre-train as `cfg` says; returns the results written to results.json."""
     accelerator = build_accelerator(cfg)
     output_dir = Path(cfg.output_dir)
-    if accelerator.is_main_process:
-        save_config(cfg, output_dir / "config.yaml")
     total_batch = cfg.per_device_batch_size * accelerator.num_processes
     with setup_errors():
         loader, num_examples = build_data(cfg, accelerator.process_index, accelerator.num_processes)
@@ -259,6 +257,8 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         signature = run_signature(cfg, accelerator)
         state = resume(accelerator, cfg, signature, PRETRAIN_CRITICAL_KEYS, loader)
+    if accelerator.is_main_process:
+        save_config(cfg, output_dir / "config.yaml")
     accelerator.init_trackers(
         "pretrain", {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in signature.items()}
     )

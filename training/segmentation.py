@@ -1,4 +1,4 @@
-"""Semantic segmentation fine-tuning (ADE20K protocol): options, samples, model, evaluation, `main`.
+"""Semantic segmentation fine-tuning (ADE20K protocol): options, class names, samples, evaluation, `main`.
 
 Data: any `datasets` dataset with an image column and a label-map column (`annotation` by default, as ADE20K on
 the Hub). With `--reduce-labels` (default) raw label 0 ("other") is ignored and classes k >= 1 become k - 1.
@@ -6,11 +6,12 @@ Class names come from `--id2label` (a JSON file: {"0": "wall", ...} or a list, i
 file name is also looked up in `training/recipes/`), else from an `id2label.json` beside a local dataset, else
 from a `ClassLabel` label column.
 
-Training samples: the image is rescaled to fit `--scale-bounds` (mmseg's img_scale), by a random factor in
-`--scale-range`, cropped to `--crop-size` (retrying so that one class covers at most `--cat-max-ratio`),
-flipped and photometrically distorted (`dense_transforms`). Evaluation: rescaled to fit `--scale-bounds`,
-single-scale sliding window (`--eval-window`, `--eval-stride`), logits resized to the label map, mIoU from a
-confusion matrix summed over processes and computed by the local `evaluate` module `mean_iou`.
+Training samples (`dense_transforms.SegmentationAugment`): keep-ratio rescale to fit `--scale-bounds` (mmseg's
+img_scale) times a random factor in `--scale-range`, a `--crop-size` crop in which one class covers at most
+`--cat-max-ratio` (10 tries), flip, photometric distortion. Evaluation: rescale to fit `--scale-bounds`,
+single-scale sliding window (`--eval-window`, `--eval-stride`), logits resized to the label map; the (K, K)
+confusion matrix is summed over processes and turned into mIoU, mean accuracy, overall accuracy and per-class
+IoU by the local `evaluate` module `mean_iou`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import PIL.Image
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -32,7 +32,7 @@ from torch import nn
 from ..modeling import DenseCLViTForSemanticSegmentation
 from .config import save_config
 from .data import open_stream, resolve_column
-from .dense_transforms import SegmentationAugment, SegmentationAugmentConfig
+from .dense_transforms import SegmentationAugment, SegmentationAugmentConfig, rescale_within, to_pixel_values
 from .engine import (
     build_accelerator,
     resume,
@@ -43,24 +43,21 @@ from .engine import (
 )
 from .finetuning import (
     FINETUNE_CRITICAL_KEYS,
+    EvalSource,
     EvaluateConfig,
     FinetuneArgs,
     build_optimizer,
-    dataset_entry,
     describe_load,
-    eval_loader,
     load_finetuned,
     load_task_model,
     metric_module,
-    open_eval_stream,
+    open_eval_source,
     train_and_finish,
     train_loader,
 )
-from .metrics import confusion_matrix, reduce_zero_label
 from .optim import describe_param_groups
 from .samples import decode_image, decode_label_map, validate_segmentation
 from .sliding_window import sliding_window_logits
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, to_float_batch
 
 TASK = "semantic-segmentation"
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
@@ -82,6 +79,11 @@ def _opt(default: Any, help_text: str) -> Any:
     return dataclasses.field(default=default, metadata={"help": help_text})
 
 
+def check_scale_bounds(scale_bounds: tuple[int, int]) -> None:
+    if min(scale_bounds) < 1 or scale_bounds[0] < scale_bounds[1]:
+        raise ValueError(f"--scale-bounds must be (long, short) with long >= short >= 1, got {scale_bounds}")
+
+
 @dataclasses.dataclass
 class FinetuneSegmentationConfig(FinetuneArgs):
     """Fine-tune a DenseCL-ViT encoder for semantic segmentation (linear or UPerNet head), ADE20K protocol.
@@ -89,9 +91,7 @@ class FinetuneSegmentationConfig(FinetuneArgs):
     Run with `accelerate launch scripts/finetune_segmentation.py --config FILE.yaml [--option value ...]`.
     """
 
-    output_dir: str = _opt(
-        "outputs/finetune_segmentation", "folder for checkpoints, logs, final/ and results"
-    )
+    output_dir: str = _opt("outputs/finetune_segmentation", "folder for checkpoints, logs, final/, results")
     per_device_batch_size: int = _opt(16, "images per process and step")
     weight_decay: float = _opt(
         0.005, "AdamW weight decay (never on biases, norms, position embeddings, [CLS])"
@@ -120,16 +120,11 @@ class FinetuneSegmentationConfig(FinetuneArgs):
 
     def validate(self) -> None:
         super().validate()
-        if self.crop_size[0] != self.crop_size[1] and self.eval_window is None:
-            raise ValueError("a non-square --crop-size needs an explicit --eval-window")
         if self.id2label is not None:
             read_id2label(self.id2label)
-        if not 0 <= self.ignore_index:
+        if self.ignore_index < 0:
             raise ValueError(f"--ignore-index must be >= 0, got {self.ignore_index}")
-        if min(self.scale_bounds) < 1 or self.scale_bounds[0] < self.scale_bounds[1]:
-            raise ValueError(
-                f"--scale-bounds must be (long, short) with long >= short >= 1, got {self.scale_bounds}"
-            )
+        check_scale_bounds(self.scale_bounds)
         if not 0 < self.scale_range[0] <= self.scale_range[1]:
             raise ValueError(f"--scale-range must satisfy 0 < low <= high, got {self.scale_range}")
         if not 0 < self.cat_max_ratio <= 1:
@@ -137,8 +132,8 @@ class FinetuneSegmentationConfig(FinetuneArgs):
         window = self.eval_window or self.crop_size[0]
         if window % self.patch_size() or not 0 < self.eval_stride <= window:
             raise ValueError(
-                f"--eval-window {window} must be a multiple of the patch size and --eval-stride "
-                f"{self.eval_stride} in [1, window]"
+                f"--eval-window {window} must be a multiple of the patch size {self.patch_size()} and "
+                f"--eval-stride {self.eval_stride} in [1, window]"
             )
 
 
@@ -151,14 +146,13 @@ def read_id2label(path: str) -> dict[int, str]:
     A bare file name that does not exist is looked up in the shipped `training/recipes/` folder.
     """
     file = Path(path)
-    if not file.is_file() and (RECIPES_DIR / file.name).is_file() and file.name == str(path):
+    if not file.is_file() and str(path) == file.name and (RECIPES_DIR / file.name).is_file():
         file = RECIPES_DIR / file.name
     if not file.is_file():
         raise ValueError(f'--id2label file {path} not found; pass a JSON file such as {{"0": "wall", ...}}')
     try:
         data = json.loads(file.read_text())
-        if isinstance(data, list):
-            data = dict(enumerate(data))
+        data = dict(enumerate(data)) if isinstance(data, list) else data
         id2label = {int(k): str(v) for k, v in data.items()}
     except (ValueError, AttributeError, TypeError):
         raise ValueError(
@@ -188,79 +182,59 @@ def resolve_id2label(cfg: FinetuneSegmentationConfig, features: Any, label_colum
             return read_id2label(str(folder / "id2label.json"))
     feature = (features or {}).get(label_column)
     if isinstance(feature, datasets.ClassLabel):
-        names = feature.names[1:] if cfg.reduce_labels else feature.names
-        return dict(enumerate(names))
+        return dict(enumerate(feature.names[1:] if cfg.reduce_labels else feature.names))
     raise ValueError(
         "the dataset does not name its classes; pass --id2label FILE.json with the class names "
-        '({"0": "wall", ...}, ids after --reduce-labels; training/recipes/ade20k_id2label.json for ADE20K)'
+        '({"0": "wall", ...}, ids after --reduce-labels; ade20k_id2label.json for ADE20K)'
     )
 
 
 # --- samples ------------------------------------------------------------------------------------------
 
 
-def _decode(
-    example: Mapping[str, Any],
-    image_column: str,
-    label_column: str,
-    num_labels: int,
-    reduce_labels: bool,
-    ignore_index: int,
-) -> tuple[PIL.Image.Image, np.ndarray] | str:
-    """Decoded RGB image and (H, W) label map after reduction, or the reason to skip the example."""
-    image = decode_image(example[image_column])
-    label = decode_label_map(example[label_column])
-    if label is not None and reduce_labels:
-        label = reduce_zero_label(label, ignore_index)
-    reason = validate_segmentation(image, label, num_labels, ignore_index)
+def reduce_zero_label(label: np.ndarray, ignore_index: int = 255) -> np.ndarray:
+    """ADE20K convention on an (H, W) map: 0 -> ignore_index, ignore_index stays, k -> k - 1. The metric module
+    `mean_iou` defines the same function; it is repeated here so that training does not import `evaluate`."""
+    return np.where((label == 0) | (label == ignore_index), ignore_index, label - 1)
+
+
+def _decode(example: Mapping[str, Any], columns: tuple[str, str], num_labels: int, reduce: bool, ignore: int):
+    """(RGB image, (H, W) int64 label map after reduction), or the reason to skip the example."""
+    image, label = decode_image(example[columns[0]]), decode_label_map(example[columns[1]])
+    if label is not None and reduce:
+        label = reduce_zero_label(label, ignore)
+    reason = validate_segmentation(image, label, num_labels, ignore)
     return reason if reason is not None else (image, label)
 
 
 def segmentation_train_sample(
     example: Mapping[str, Any],
     rng: np.random.Generator,
-    image_column: str,
-    label_column: str,
+    columns: tuple[str, str],
     num_labels: int,
     reduce_labels: bool,
     ignore_index: int,
     augment: SegmentationAugment,
 ) -> dict[str, torch.Tensor] | str:
     """A stream example -> {"pixel_values" (3, h, w), "labels" (h, w) int64} at the crop size, or a skip reason."""
-    decoded = _decode(example, image_column, label_column, num_labels, reduce_labels, ignore_index)
+    decoded = _decode(example, columns, num_labels, reduce_labels, ignore_index)
     if isinstance(decoded, str):
         return decoded
     pixel_values, labels = augment(*decoded, rng)
     return {"pixel_values": pixel_values, "labels": labels}
 
 
-def rescale_within(image: PIL.Image.Image, bounds: tuple[int, int]) -> PIL.Image.Image:
-    """Resize keeping the aspect ratio so that long side <= bounds[0] and short side <= bounds[1], one of them
-    equal (mmseg's keep-ratio Resize, bilinear)."""
-    width, height = image.size
-    scale = min(bounds[0] / max(width, height), bounds[1] / min(width, height))
-    size = (max(1, int(width * scale + 0.5)), max(1, int(height * scale + 0.5)))
-    return image if size == image.size else image.resize(size, PIL.Image.BILINEAR)
-
-
-def to_pixel_values(image: PIL.Image.Image) -> torch.Tensor:
-    """RGB image -> ImageNet-normalised float32 (3, H, W)."""
-    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-    return normalize(to_float_batch(array[None]), IMAGENET_MEAN, IMAGENET_STD)[0]
-
-
 def segmentation_eval_sample(
     example: Mapping[str, Any],
     rng: np.random.Generator,
-    image_column: str,
-    label_column: str,
+    columns: tuple[str, str],
     num_labels: int,
     reduce_labels: bool,
     ignore_index: int,
     scale_bounds: tuple[int, int],
 ) -> dict[str, torch.Tensor] | str:
     """{"pixel_values" (3, h, w) rescaled to fit `scale_bounds`, "labels" (H, W) at the original size}."""
-    decoded = _decode(example, image_column, label_column, num_labels, reduce_labels, ignore_index)
+    decoded = _decode(example, columns, num_labels, reduce_labels, ignore_index)
     if isinstance(decoded, str):
         return decoded
     image, label = decoded
@@ -273,6 +247,30 @@ def segmentation_eval_sample(
 # --- evaluation ---------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class SegmentationProtocol:
+    """Evaluation settings: sliding window and stride, rescale bounds, label convention."""
+
+    window: int = 512
+    stride: int = 341
+    scale_bounds: tuple[int, int] = (2048, 512)
+    reduce_labels: bool = True
+    ignore_index: int = 255
+
+    def to_dict(self) -> dict[str, Any]:
+        """The "protocol" object of eval_results.json."""
+        return {
+            "mode": "slide",
+            "crop_size": self.window,
+            "stride": self.stride,
+            "scales": [1.0],
+            "flip": False,
+            "scale_bounds": list(self.scale_bounds),
+            "reduce_labels": self.reduce_labels,
+            "ignore_index": self.ignore_index,
+        }
+
+
 def segmentation_logits(
     model: nn.Module, pixel_values: torch.Tensor, window: int | None = None, stride: int | None = None
 ) -> torch.Tensor:
@@ -280,75 +278,74 @@ def segmentation_logits(
     forward pass over the whole image (H, W multiples of the patch size)."""
     if window is None:
         return model(pixel_values=pixel_values).logits.float()
-    return sliding_window_logits(
-        lambda crops: model(pixel_values=crops).logits,
-        pixel_values,
-        model.config.num_labels,
-        window,
-        stride or window,
-    )
+    forward = lambda crops: model(pixel_values=crops).logits  # noqa: E731
+    return sliding_window_logits(forward, pixel_values, model.config.num_labels, window, stride or window)
+
+
+def confusion_counts(
+    predictions: torch.Tensor, labels: torch.Tensor, num_labels: int, ignore_index: int
+) -> torch.Tensor:
+    """(K, K) int64 pixel counts, row = ground truth, column = prediction, of (B, H, W) maps on their device;
+    pixels labelled `ignore_index` are left out (labels are valid: `validate_segmentation` checked them)."""
+    valid = labels != ignore_index
+    index = labels[valid].long() * num_labels + predictions[valid].long()
+    return torch.bincount(index, minlength=num_labels * num_labels).reshape(num_labels, num_labels)
 
 
 @torch.inference_mode()
 def evaluate_segmentation(
-    model: nn.Module,
-    loader: Any,
-    accelerator: Accelerator,
-    window: int | None,
-    stride: int | None,
-    ignore_index: int = 255,
-    metrics_module: Any = None,
+    model: nn.Module, loader: Any, accelerator: Accelerator, protocol: SegmentationProtocol
 ) -> tuple[dict[str, Any], np.ndarray, int]:
     """mIoU & co. of `model` over every process's share of `loader` (batches of one image).
 
-    Returns (metrics from the `mean_iou` evaluate module's functions, summed (K, K) confusion matrix, images).
+    Returns (the `mean_iou` evaluate module's metrics of the confusion matrix summed over processes, that
+    (K, K) matrix, the number of images over all processes).
     """
     model.eval()
     num_labels = model.config.num_labels
-    confusion = np.zeros((num_labels, num_labels), dtype=np.int64)
-    count = 0
+    confusion = torch.zeros(num_labels * num_labels + 1, dtype=torch.int64, device=accelerator.device)
     for batch in loader:
-        pixel_values = batch["pixel_values"].to(accelerator.device)
-        labels = batch["labels"].numpy()
-        logits = segmentation_logits(model, pixel_values, window, stride)
-        # (B, K, h, w) -> (B, K, H, W) at the label map's size, then class ids.
-        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        predictions = logits.argmax(1).cpu().numpy()
-        for prediction, label in zip(predictions, labels):
-            confusion += confusion_matrix(prediction, label, num_labels, ignore_index)
-            count += 1
-    packed = torch.from_numpy(np.append(confusion.ravel(), count)).to(accelerator.device)
-    packed = accelerator.reduce(packed, reduction="sum").cpu().numpy()
-    confusion, count = packed[:-1].reshape(num_labels, num_labels), int(packed[-1])
-    module = metrics_module or metric_module("mean_iou", accelerator)
-    return module.segmentation_metrics(confusion), confusion, count
+        labels = batch["labels"].to(accelerator.device)
+        logits = segmentation_logits(
+            model, batch["pixel_values"].to(accelerator.device), protocol.window, protocol.stride
+        )
+        # (B, K, h, w) -> (B, K, H, W) at the label map's size -> class ids (B, H, W)
+        predictions = F.interpolate(
+            logits, size=labels.shape[-2:], mode="bilinear", align_corners=False
+        ).argmax(1)
+        confusion[:-1] += confusion_counts(predictions, labels, num_labels, protocol.ignore_index).ravel()
+        confusion[-1] += len(labels)
+    totals = accelerator.reduce(confusion, reduction="sum").cpu().numpy()
+    matrix = totals[:-1].reshape(num_labels, num_labels)
+    return metric_module("mean_iou", accelerator).segmentation_metrics(matrix), matrix, int(totals[-1])
 
 
-def segmentation_report(
-    metrics: Mapping[str, Any], id2label: Mapping[int, str]
-) -> tuple[dict[str, float], dict[str, Any]]:
-    """(the card's scalar metrics, per-category lists with the class names)."""
-    scalars = {name: float(metrics[name]) for name in ("mean_iou", "mean_accuracy", "overall_accuracy")}
-    per_category = {
-        "labels": [id2label[i] for i in range(len(id2label))],
-        "iou": metrics["per_category_iou"],
-        "accuracy": metrics["per_category_accuracy"],
-    }
-    return scalars, per_category
-
-
-def eval_protocol(
-    window: int, stride: int, scale_bounds: tuple[int, int], reduce_labels: bool, ignore_index: int
-) -> dict:
+def evaluation_report(
+    model: nn.Module, source: EvalSource, accelerator: Accelerator, protocol: SegmentationProtocol
+) -> dict[str, Any]:
+    """Evaluate on `source`; returns the eval_results.json fields (all but "task")."""
+    sample = functools.partial(
+        segmentation_eval_sample,
+        columns=source.columns,
+        num_labels=model.config.num_labels,
+        reduce_labels=protocol.reduce_labels,
+        ignore_index=protocol.ignore_index,
+        scale_bounds=protocol.scale_bounds,
+    )
+    metrics, _, count = evaluate_segmentation(
+        model, source.loader(sample, accelerator), accelerator, protocol
+    )
+    names = {int(k): v for k, v in model.config.id2label.items()}
     return {
-        "mode": "slide",
-        "crop_size": window,
-        "stride": stride,
-        "scale_bounds": list(scale_bounds),
-        "scales": [1.0],
-        "flip": False,
-        "reduce_labels": reduce_labels,
-        "ignore_index": ignore_index,
+        "dataset": source.dataset,
+        "metrics": {name: float(metrics[name]) for name in ("mean_iou", "mean_accuracy", "overall_accuracy")},
+        "protocol": protocol.to_dict(),
+        "num_samples": count,
+        "per_category": {
+            "labels": [names.get(i, str(i)) for i in range(model.config.num_labels)],
+            "iou": metrics["per_category_iou"],
+            "accuracy": metrics["per_category_accuracy"],
+        },
     }
 
 
@@ -358,8 +355,7 @@ def eval_protocol(
 def resolve_columns(cfg: Any, features: Any) -> tuple[str, str]:
     """(image column, label column) of a stream."""
     label_column = resolve_column(features, cfg.label_column, "label")
-    image_column = resolve_column(features, cfg.image_column, "image", exclude=[label_column])
-    return image_column, label_column
+    return resolve_column(features, cfg.image_column, "image", exclude=[label_column]), label_column
 
 
 def build_model(
@@ -382,8 +378,8 @@ def build_model(
     return model, report
 
 
-def augment_config(cfg: FinetuneSegmentationConfig) -> SegmentationAugmentConfig:
-    return SegmentationAugmentConfig(
+def train_sample_fn(cfg: FinetuneSegmentationConfig, columns: tuple[str, str], num_labels: int) -> Any:
+    augment = SegmentationAugmentConfig(
         crop_size=cfg.crop_size,
         scale_bounds=cfg.scale_bounds,
         scale_range=cfg.scale_range,
@@ -391,75 +387,26 @@ def augment_config(cfg: FinetuneSegmentationConfig) -> SegmentationAugmentConfig
         ignore_index=cfg.ignore_index,
         photometric=cfg.photometric,
     )
-
-
-def make_evaluate_fn(
-    cfg: FinetuneSegmentationConfig, accelerator: Accelerator, columns: tuple[str, str], id2label: Mapping
-) -> Any:
-    """`model -> (scalar metrics, eval_results report)` over --eval-split, or None without one."""
-    stream = open_eval_stream(cfg)
-    if stream is None:
-        return None
-    sample = functools.partial(
-        segmentation_eval_sample,
-        image_column=columns[0],
-        label_column=columns[1],
-        num_labels=len(id2label),
+    return functools.partial(
+        segmentation_train_sample,
+        columns=columns,
+        num_labels=num_labels,
         reduce_labels=cfg.reduce_labels,
         ignore_index=cfg.ignore_index,
-        scale_bounds=cfg.scale_bounds,
+        augment=SegmentationAugment(augment),
     )
-    module = metric_module("mean_iou", accelerator)
-    window = cfg.eval_window or cfg.crop_size[0]
-    dataset = dataset_entry(cfg.dataset, cfg.dataset_config, cfg.eval_split, cfg.dataset_name)
-    protocol = eval_protocol(window, cfg.eval_stride, cfg.scale_bounds, cfg.reduce_labels, cfg.ignore_index)
-
-    def evaluate_fn(model: nn.Module) -> tuple[dict[str, float], dict[str, Any]]:
-        loader = eval_loader(
-            stream,
-            sample,
-            columns,
-            accelerator.process_index,
-            accelerator.num_processes,
-            cfg.num_workers,
-            cfg.max_eval_samples,
-            cfg.max_bad_fraction,
-        )
-        metrics, _, count = evaluate_segmentation(
-            model, loader, accelerator, window, cfg.eval_stride, cfg.ignore_index, module
-        )
-        scalars, per_category = segmentation_report(metrics, id2label)
-        report = {
-            "dataset": dataset,
-            "metrics": scalars,
-            "protocol": protocol,
-            "num_samples": count,
-            "per_category": per_category,
-        }
-        return scalars, report
-
-    return evaluate_fn
 
 
 def main(cfg: FinetuneSegmentationConfig) -> dict[str, Any]:
     """Fine-tune as `cfg` says; returns the results written to results.json."""
     accelerator = build_accelerator(cfg)
-    output_dir = Path(cfg.output_dir)
     if accelerator.is_main_process:
-        save_config(cfg, output_dir / "config.yaml")
+        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
     with setup_errors():
         stream = open_stream(cfg.dataset, cfg.dataset_config, cfg.split, data_files=cfg.data_files)
         columns = resolve_columns(cfg, stream.features)
         id2label = resolve_id2label(cfg, stream.features, columns[1])
-        sample = functools.partial(
-            segmentation_train_sample,
-            image_column=columns[0],
-            label_column=columns[1],
-            num_labels=len(id2label),
-            reduce_labels=cfg.reduce_labels,
-            ignore_index=cfg.ignore_index,
-            augment=SegmentationAugment(augment_config(cfg)),
-        )
+        sample = train_sample_fn(cfg, columns, len(id2label))
         loader = train_loader(
             cfg, stream, sample, columns, accelerator.process_index, accelerator.num_processes
         )
@@ -469,7 +416,19 @@ def main(cfg: FinetuneSegmentationConfig) -> dict[str, Any]:
         model = model.to(accelerator.device)
         optimizer, scheduler = build_optimizer(cfg, model, total_steps)
         accelerator.print(describe_param_groups(optimizer.param_groups))
-        evaluate_fn = make_evaluate_fn(cfg, accelerator, columns, id2label)
+        evaluate_fn = None
+        if cfg.eval_split is not None:
+            source = open_eval_source(cfg, cfg.eval_split, resolve_columns, cfg.max_eval_samples)
+            protocol = SegmentationProtocol(
+                cfg.eval_window or cfg.crop_size[0],
+                cfg.eval_stride,
+                cfg.scale_bounds,
+                cfg.reduce_labels,
+                cfg.ignore_index,
+            )
+            evaluate_fn = functools.partial(
+                evaluation_report, source=source, accelerator=accelerator, protocol=protocol
+            )
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         signature = run_signature(cfg, accelerator)
         state = resume(accelerator, cfg, signature, SEG_CRITICAL_KEYS, loader)
@@ -489,39 +448,16 @@ def main(cfg: FinetuneSegmentationConfig) -> dict[str, Any]:
 
 
 def evaluate_folder(cfg: EvaluateConfig, accelerator: Accelerator) -> dict[str, Any]:
-    """Evaluate a fine-tuned segmentation folder as `cfg` says; returns the eval_results.json fields."""
+    """Evaluate a fine-tuned segmentation folder as `cfg` says (window: the model's image size, stride 2/3 of
+    it by default); returns the eval_results.json fields."""
     model = load_finetuned(DenseCLViTForSemanticSegmentation, cfg.model).to(accelerator.device)
-    stream = open_stream(cfg.dataset, cfg.dataset_config, cfg.split, data_files=cfg.data_files)
-    columns = resolve_columns(cfg, stream.features)
-    ignore_index = model.config.semantic_loss_ignore_index if cfg.ignore_index is None else cfg.ignore_index
     window = cfg.window or model.config.image_size
-    stride = cfg.stride or max(1, min(window, round(window * 2 / 3)))
-    sample = functools.partial(
-        segmentation_eval_sample,
-        image_column=columns[0],
-        label_column=columns[1],
-        num_labels=model.config.num_labels,
-        reduce_labels=cfg.reduce_labels,
-        ignore_index=ignore_index,
-        scale_bounds=cfg.scale_bounds,
+    protocol = SegmentationProtocol(
+        window,
+        cfg.stride or max(1, min(window, round(window * 2 / 3))),
+        cfg.scale_bounds,
+        cfg.reduce_labels,
+        model.config.semantic_loss_ignore_index if cfg.ignore_index is None else cfg.ignore_index,
     )
-    loader = eval_loader(
-        stream,
-        sample,
-        columns,
-        accelerator.process_index,
-        accelerator.num_processes,
-        cfg.num_workers,
-        cfg.max_samples,
-        cfg.max_bad_fraction,
-    )
-    metrics, _, count = evaluate_segmentation(model, loader, accelerator, window, stride, ignore_index)
-    id2label = {int(k): v for k, v in model.config.id2label.items()}
-    scalars, per_category = segmentation_report(metrics, id2label)
-    return {
-        "dataset": dataset_entry(cfg.dataset, cfg.dataset_config, cfg.split, cfg.dataset_name),
-        "metrics": scalars,
-        "protocol": eval_protocol(window, stride, cfg.scale_bounds, cfg.reduce_labels, ignore_index),
-        "num_samples": count,
-        "per_category": per_category,
-    }
+    source = open_eval_source(cfg, cfg.split, resolve_columns, cfg.max_samples)
+    return evaluation_report(model, source, accelerator, protocol)

@@ -4,8 +4,8 @@ The policy is SimCLR's as used by the paper: random resized crop to `image_size`
 jitter (p = 0.8), random grayscale (p = 0.2), Gaussian blur, ImageNet normalisation. Two paths share one
 implementation of the colour math, written for batches (B, 3, H, W) of floats in [0, 1]:
 
-- `TwoViewTransform` (CPU, per sample) crops and resizes with PIL in a single call per view, then runs the
-  colour functions on the two views as a batch of two.
+- `TwoViewTransform` (CPU, per sample) crops and resizes each view with one antialiased bilinear
+  interpolation of the uint8 image, flips it, then runs the colour functions on it as a batch of one.
 - With ``gpu_color=True`` the per-sample transform stops after crop/flip and returns uint8 views, and
   `BatchedColorAugment` applies jitter, grayscale, blur and normalisation to whole batches on any device.
 
@@ -166,7 +166,9 @@ def color_params_from_uniform(
     )
 
 
-def sample_color_params(cfg: SimCLRAugmentConfig, n: int, view: int, rng: RngLike) -> ColorParams:
+def sample_color_params(
+    cfg: SimCLRAugmentConfig, n: int, view: int | Sequence[int], rng: RngLike
+) -> ColorParams:
     """Colour parameters of the CPU path: uniforms from a NumPy generator."""
     u = torch.from_numpy(make_rng(rng).random((n, COLOR_UNIFORMS), dtype=np.float32))
     return color_params_from_uniform(u, cfg, view)
@@ -318,6 +320,14 @@ def _axpy_(out: torch.Tensor, y: torch.Tensor, w: Param) -> torch.Tensor:
     return out.add_(y, alpha=w) if isinstance(w, float) else out.addcmul_(y, w)
 
 
+def _reflect_pad(x: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
+    """Reflect padding of `radius` on both ends of dimension `dim` (F.pad's "reflect" parallelises tiny
+    tensors with a grain of one, which stalls on a busy machine; slices, flips and cat do not)."""
+    size = x.shape[dim]
+    head, tail = x.narrow(dim, 1, radius).flip(dim), x.narrow(dim, size - 1 - radius, radius).flip(dim)
+    return torch.cat([head, x, tail], dim)
+
+
 def gaussian_blur(x: torch.Tensor, sigma: Param) -> torch.Tensor:
     """Separable Gaussian blur of x (B, C, H, W), reflect padding; returns a new tensor.
 
@@ -331,15 +341,14 @@ def gaussian_blur(x: torch.Tensor, sigma: Param) -> torch.Tensor:
         raise ValueError(
             f"blur radius {radius} (3 sigma) must be smaller than the image side {min(height, width)}"
         )
-    y = torch.nn.functional.pad(x, (radius, radius, radius, radius), mode="reflect")
-    out = y.narrow(-1, radius, width) * w[0]  # (B, C, H + 2 radius, W)
+    y = _reflect_pad(x, radius, -1)  # (B, C, H, W + 2 radius)
+    out = y.narrow(-1, radius, width) * w[0]
     for k in range(1, radius + 1):
         _axpy_(_axpy_(out, y.narrow(-1, radius + k, width), w[k]), y.narrow(-1, radius - k, width), w[k])
-    res = out.narrow(-2, radius, height) * w[0]
+    y = _reflect_pad(out, radius, -2)  # (B, C, H + 2 radius, W)
+    res = y.narrow(-2, radius, height) * w[0]
     for k in range(1, radius + 1):
-        _axpy_(
-            _axpy_(res, out.narrow(-2, radius + k, height), w[k]), out.narrow(-2, radius - k, height), w[k]
-        )
+        _axpy_(_axpy_(res, y.narrow(-2, radius + k, height), w[k]), y.narrow(-2, radius - k, height), w[k])
     return res
 
 
@@ -452,8 +461,7 @@ class TwoViewTransform:
         views = (self._crop_view(image, rng), self._crop_view(image, rng))
         if self.cfg.gpu_color:
             return views[0][0].contiguous(), views[1][0].contiguous()
-        u = torch.from_numpy(rng.random((2, COLOR_UNIFORMS), dtype=np.float32))
-        host = {k: v.tolist() for k, v in vars(color_params_from_uniform(u, self.cfg, (0, 1))).items()}
+        host = {k: v.tolist() for k, v in vars(sample_color_params(self.cfg, 2, (0, 1), rng)).items()}
         out = []
         for i, view in enumerate(views):  # one at a time: a batch of one needs no per-sample indexing
             x = torch.empty(view.shape, dtype=torch.float32).copy_(view).mul_(1.0 / 255.0)

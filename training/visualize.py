@@ -157,7 +157,7 @@ def segmentation_figure(
 
 def depth_figure(
     depth: np.ndarray, cmap: str = DEPTH_CMAP, vmin: float | None = None, vmax: float | None = None
-):
+) -> np.ndarray:
     """The colour-mapped depth with a colour bar in metres: (H', W + bar, 3) uint8, left part as `colorize_depth`
     enlarged by `display_scale(H)`."""
     depth = np.asarray(depth, dtype=np.float64)
@@ -274,7 +274,7 @@ def predict_images(model: Any, processor: Any, images: Sequence[PIL.Image.Image]
 
 def render_prediction(
     image: PIL.Image.Image, prediction: np.ndarray, task: str, id2label: dict | None = None
-):
+) -> np.ndarray:
     """The picture of one prediction: `segmentation_figure` or `depth_figure`, (H', W', 3) uint8."""
     if task == "segmentation":
         return segmentation_figure(np.asarray(image), prediction, id2label)
@@ -313,7 +313,7 @@ def principal_components(features: np.ndarray, num_components: int = 3) -> tuple
     """
     features = np.asarray(features, dtype=np.float64)
     centered = features - features.mean(axis=0)
-    eigenvalues, eigenvectors = np.linalg.eigh(centered.T @ centered)
+    _, eigenvectors = np.linalg.eigh(centered.T @ centered)  # eigenvalues ascending
     axes = eigenvectors[:, ::-1][:, :num_components].T  # (k, D)
     signs = np.sign(axes[np.arange(len(axes)), np.abs(axes).argmax(axis=1)])
     axes = axes * np.where(signs == 0, 1.0, signs)[:, None]
@@ -476,8 +476,11 @@ def plot_run_curves(run_dirs: Sequence[str | os.PathLike], output: str | os.Path
 
 
 def _run_name(run: Path, runs: Sequence[str | os.PathLike]) -> str:
-    """The run folder's name, with its parent when two runs share a name (e.g. .../a/run and .../b/run)."""
-    run = run.parent if run.name == "metrics.jsonl" else run
-    names = [(Path(r).parent if Path(r).name == "metrics.jsonl" else Path(r)).resolve().name for r in runs]
-    resolved = run.resolve()
-    return f"{resolved.parent.name}/{resolved.name}" if names.count(resolved.name) > 1 else resolved.name
+    """The run folder's name, with its parent's when two runs share a name (e.g. .../a/run and .../b/run)."""
+    folders = [(p.parent if p.is_file() else p).resolve() for p in map(Path, runs)]
+    folder = (run.parent if run.is_file() else run).resolve()
+    return (
+        f"{folder.parent.name}/{folder.name}"
+        if [f.name for f in folders].count(folder.name) > 1
+        else folder.name
+    )

@@ -1,8 +1,8 @@
 """Evaluate a fine-tuned segmentation or depth model folder; writes eval_results.json (what the model card reads).
 
-    python scripts/evaluate.py --task segmentation --model out/seg/final --dataset scene_parse_150 --split validation
-    accelerate launch scripts/evaluate.py --task depth --model out/depth/final --dataset sayakpaul/nyu_depth_v2
-    python scripts/evaluate.py --task depth --model out/depth/final --dataset data/ --output-dir reports/
+    python scripts/evaluate_model.py --task segmentation --model out/seg/final --dataset scene_parse_150 --split validation
+    accelerate launch scripts/evaluate_model.py --task depth --model out/depth/final --dataset sayakpaul/nyu_depth_v2
+    python scripts/evaluate_model.py --task depth --model out/depth/final --dataset data/ --output-dir reports/
 
 Segmentation: single-scale sliding window (window = the model's image size, stride 2/3 of it), mIoU, mean and
 overall accuracy, per-class IoU. Depth: whole image, AbsRel, SqRel, RMSE, RMSE log, log10, delta1-3 inside the

@@ -1,0 +1,319 @@
+"""Two-view pre-training augmentation: colour math against torchvision and a colorsys loop, determinism,
+the crop sampler, and the equivalence of the per-sample CPU path and the batched path."""
+
+import colorsys
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from torchvision.transforms import v2
+
+from densecl_vit.training.transforms import (
+    COLOR_UNIFORMS,
+    BatchedColorAugment,
+    ColorParams,
+    SimCLRAugmentConfig,
+    TwoViewTransform,
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hsv,
+    adjust_hue,
+    adjust_saturation,
+    apply_color_params,
+    benchmark_two_view,
+    color_params_from_uniform,
+    gaussian_blur,
+    naive_torchvision_two_view,
+    normalize,
+    rgb_to_grayscale,
+    sample_color_params,
+    sample_color_params_torch,
+    sample_crop_box,
+    to_float_batch,
+)
+
+S = 32
+CFG = SimCLRAugmentConfig(image_size=S, blur_sigma=(0.1, 1.5))
+
+
+def random_images(batch=3, size=16, seed=0):
+    """Random colours plus exact ties (gray pixels, two equal maxima) that stress the hue branches."""
+    x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    x[:, :, 0, :4] = 0.5  # gray: chroma 0
+    x[:, 1, 1, :4] = x[:, 0, 1, :4]  # r == g
+    x[:, 2, 2, :4] = x[:, 1, 2, :4].clamp_min(x[:, 0, 2, :4])  # b ties the max
+    return x
+
+
+def photo(height=40, width=56, seed=0):
+    """A smooth, colourful PIL image."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    noise = np.random.default_rng(seed).normal(0.0, 0.05, (height, width, 3))
+    rgb = np.stack([xx / width, yy / height, 0.5 + 0.4 * np.sin(xx / 5.0 + yy / 7.0)], axis=-1) + noise
+    return Image.fromarray((255 * np.clip(rgb, 0, 1)).astype(np.uint8))
+
+
+def ks_statistic(a, b):
+    """Two-sample Kolmogorov-Smirnov statistic max |F_a - F_b|."""
+    a, b = np.sort(np.asarray(a, np.float64)), np.sort(np.asarray(b, np.float64))
+    grid = np.concatenate([a, b])
+    return np.abs(np.searchsorted(a, grid, "right") / len(a) - np.searchsorted(b, grid, "right") / len(b)).max()
+
+
+def ks_critical(n, m, alpha=1e-3):
+    return math.sqrt(-0.5 * math.log(alpha / 2)) * math.sqrt((n + m) / (n * m))
+
+
+# --- colour math -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ours", "reference", "factor"),
+    [
+        (adjust_brightness, TF.adjust_brightness, 1.3),
+        (adjust_contrast, TF.adjust_contrast, 0.6),
+        (adjust_saturation, TF.adjust_saturation, 1.7),
+        (adjust_hue, TF.adjust_hue, 0.23),
+        (adjust_hue, TF.adjust_hue, -0.5),
+    ],
+)
+def test_color_ops_match_torchvision(ours, reference, factor):
+    x = random_images()
+    expected = reference(x, factor)
+    torch.testing.assert_close(ours(x.clone(), factor), expected, atol=2e-6, rtol=0)
+    per_sample = ours(x.clone(), torch.full((3,), factor))
+    torch.testing.assert_close(per_sample, expected, atol=2e-6, rtol=0)
+
+
+def test_per_sample_factors_equal_separate_calls():
+    x = random_images()
+    factors = torch.tensor([0.7, 1.0, 1.4])
+    for fn in (adjust_brightness, adjust_contrast, adjust_saturation):
+        batched = fn(x.clone(), factors)
+        for i in range(3):
+            torch.testing.assert_close(batched[i : i + 1], fn(x[i : i + 1].clone(), float(factors[i])))
+    shifts = torch.tensor([-0.3, 0.0, 0.45])
+    batched = adjust_hue(x.clone(), shifts)
+    for i in range(3):
+        torch.testing.assert_close(batched[i : i + 1], TF.adjust_hue(x[i : i + 1], float(shifts[i])), atol=2e-6, rtol=0)
+
+
+def test_hsv_saturation_scale_matches_colorsys_loop():
+    x = random_images(batch=1, size=6, seed=3)
+    out = adjust_hsv(x.clone(), hue_shift=0.1, saturation_scale=1.6)
+    expected = torch.empty_like(x)
+    for i in range(6):
+        for j in range(6):
+            h, s, v = colorsys.rgb_to_hsv(*x[0, :, i, j].tolist())
+            expected[0, :, i, j] = torch.tensor(colorsys.hsv_to_rgb((h + 0.1) % 1.0, min(s * 1.6, 1.0), v))
+    torch.testing.assert_close(out, expected, atol=2e-6, rtol=0)
+
+
+def test_grayscale_weights_match_torchvision():
+    x = random_images()
+    torch.testing.assert_close(rgb_to_grayscale(x), TF.rgb_to_grayscale(x), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.5, 1.3, 2.0])
+def test_gaussian_blur_matches_torchvision_kernel(sigma):
+    x = random_images(size=20)
+    kernel = 2 * math.ceil(3 * sigma) + 1
+    expected = TF.gaussian_blur(x, [kernel, kernel], [sigma, sigma])
+    torch.testing.assert_close(gaussian_blur(x, sigma), expected, atol=1e-6, rtol=0)
+    per_sample = gaussian_blur(x, torch.tensor([sigma, 0.3, sigma]))
+    torch.testing.assert_close(per_sample[[0, 2]], expected[[0, 2]], atol=1e-6, rtol=0)
+    torch.testing.assert_close(per_sample[1], TF.gaussian_blur(x[1], [3, 3], [0.3, 0.3]), atol=1e-6, rtol=0)
+
+
+def test_gaussian_blur_rejects_kernel_wider_than_image():
+    with pytest.raises(ValueError, match="blur radius"):
+        gaussian_blur(torch.rand(1, 3, 5, 5), 2.0)
+
+
+def test_normalize_and_to_float_batch():
+    u8 = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    x = to_float_batch(u8)
+    assert x.dtype == torch.float32
+    torch.testing.assert_close(x * 255.0, u8.float())
+    mean, std = (0.1, 0.2, 0.3), (0.5, 0.25, 2.0)
+    expected = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(normalize(x.clone(), mean, std), expected)
+
+
+# --- random parameters -----------------------------------------------------------------------------------
+
+
+def test_color_params_map_uniforms_to_configured_ranges():
+    cfg = SimCLRAugmentConfig(blur_p=(1.0, 0.1))
+    u = torch.tensor([[0.0, 0.0, 0.5, 1.0, 0.0, 0.4, 0.1, 0.3, 0.2, 0.19, 0.5, 0.5]])
+    p = color_params_from_uniform(u, cfg, 1)
+    assert bool(p.jitter) and bool(p.grayscale) and not bool(p.blur)
+    torch.testing.assert_close(torch.cat([p.brightness, p.contrast, p.saturation, p.hue, p.sigma]),
+                               torch.tensor([0.6, 1.0, 1.2, -0.1, 1.05]))  # fmt: skip
+    assert p.order.tolist() == [[1, 3, 2, 0]]
+    assert bool(color_params_from_uniform(u, cfg, 0).blur)
+
+
+def test_cpu_and_batched_parameter_distributions_agree():
+    n = 20_000
+    cfg = SimCLRAugmentConfig(blur_p=(1.0, 0.1))
+    cpu = sample_color_params(cfg, n, 1, np.random.default_rng(0))
+    batched = sample_color_params_torch(cfg, n, 1, torch.Generator().manual_seed(0))
+    critical = ks_critical(n, n)
+    for name, low, high in [("brightness", 0.6, 1.4), ("contrast", 0.6, 1.4), ("saturation", 0.8, 1.2),
+                            ("hue", -0.1, 0.1), ("sigma", 0.1, 2.0)]:  # fmt: skip
+        a, b = getattr(cpu, name).numpy(), getattr(batched, name).numpy()
+        assert ks_statistic(a, b) < critical, name
+        uniform = np.linspace(low, high, n)
+        assert ks_statistic(a, uniform) < critical and ks_statistic(b, uniform) < critical, name
+    tolerance = 4 * math.sqrt(0.25 / n)
+    for name, p in [("jitter", 0.8), ("grayscale", 0.2), ("blur", 0.1)]:
+        for params in (cpu, batched):
+            assert abs(getattr(params, name).float().mean().item() - p) < tolerance, name
+    for params in (cpu, batched):  # the jitter order is a uniform permutation of the four operations
+        assert (params.order.sort(dim=1).values == torch.arange(4)).all()
+        codes = (params.order * torch.tensor([64, 16, 4, 1])).sum(1)
+        counts = torch.bincount(codes, minlength=256)[torch.bincount(codes, minlength=256) > 0]
+        assert len(counts) == 24
+        chi2 = (((counts - n / 24) ** 2) / (n / 24)).sum().item()
+        assert chi2 < 60.0  # 23 degrees of freedom: p ~ 5e-5
+
+
+def test_crop_box_matches_torchvision_distribution():
+    width, height, scale, ratio = 50, 30, (0.08, 1.0), (3 / 4, 4 / 3)
+    rng = np.random.default_rng(0)
+    ours = np.array([sample_crop_box(width, height, scale, ratio, rng) for _ in range(4000)])
+    torch.manual_seed(0)
+    image = torch.zeros(3, height, width)
+    theirs = np.array([v2.RandomResizedCrop.get_params(image, scale, ratio) for _ in range(4000)])
+    theirs = theirs[:, [1, 0, 3, 2]]  # (top, left, h, w) -> (left, top, w, h)
+    left, top, w, h = ours.T
+    assert (left >= 0).all() and (top >= 0).all() and (left + w <= width).all() and (top + h <= height).all()
+    for column in range(4):
+        assert ks_statistic(ours[:, column], theirs[:, column]) < ks_critical(4000, 4000), column
+
+
+def test_crop_box_falls_back_to_a_central_crop():
+    box = sample_crop_box(1000, 10, (0.9, 1.0), (3 / 4, 4 / 3), np.random.default_rng(0))
+    assert box == (493, 0, 13, 10)
+
+
+# --- the two paths ---------------------------------------------------------------------------------------
+
+
+def test_two_view_shapes_and_dtypes():
+    v1, v2_ = TwoViewTransform(CFG)(photo(), 0)
+    assert v1.shape == v2_.shape == (3, S, S) and v1.dtype == torch.float32
+    u1, u2 = TwoViewTransform(dataclasses.replace(CFG, gpu_color=True))(photo(), 0)
+    assert u1.shape == (3, S, S) and u1.dtype == torch.uint8 and u1.is_contiguous()
+    assert not torch.equal(u1, u2)
+
+
+def test_two_view_is_deterministic_and_ignores_global_state():
+    transform, image = TwoViewTransform(CFG), photo()
+    torch.manual_seed(1)
+    np.random.seed(1)
+    first = transform(image, [7, 3])
+    torch.manual_seed(2)
+    np.random.seed(2)
+    transform(image, [7, 4])
+    again = transform(image, np.random.default_rng([7, 3]))
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    other = transform(image, [7, 5])
+    assert not torch.equal(first[0], other[0]) and not torch.equal(first[0], first[1])
+
+
+def test_two_view_accepts_arrays_tensors_and_non_rgb_images():
+    transform, image = TwoViewTransform(CFG), photo()
+    array = np.asarray(image).copy()
+    reference = transform(image, 5)
+    for same in (array, torch.from_numpy(array).permute(2, 0, 1)):
+        assert all(torch.equal(a, b) for a, b in zip(reference, transform(same, 5)))
+    gray = transform(image.convert("L"), 5)[0]
+    assert gray.shape == (3, S, S)
+    with pytest.raises(ValueError, match="uint8"):
+        transform(array.astype(np.float32), 5)
+
+
+def test_without_colour_steps_the_fast_path_is_the_normalised_crop():
+    cfg = dataclasses.replace(CFG, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
+    views = TwoViewTransform(cfg)(photo(), 11)
+    crops = TwoViewTransform(dataclasses.replace(cfg, gpu_color=True))(photo(), 11)
+    for view, crop in zip(views, crops):
+        expected = normalize(to_float_batch(crop[None]), cfg.mean, cfg.std)[0]
+        torch.testing.assert_close(view, expected, atol=1e-6, rtol=0)
+
+
+def test_crop_resize_matches_pil_box_resize():
+    """The crop of a view equals PIL's antialiased bilinear resize of the same box (to rounding)."""
+    cfg = dataclasses.replace(CFG, flip_p=0.0, gpu_color=True)
+    image = photo(80, 120)
+    view = TwoViewTransform(cfg)(image, 2)[0]
+    rng = np.random.default_rng(2)
+    left, top, w, h = sample_crop_box(120, 80, cfg.crop_scale, cfg.crop_ratio, rng)
+    expected = np.asarray(image.resize((S, S), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h)))
+    diff = np.abs(view.permute(1, 2, 0).numpy().astype(int) - expected.astype(int))
+    assert diff.mean() < 0.5 and diff.max() <= 8
+
+
+def test_batched_rows_equal_the_single_sample_path():
+    """Grouping samples by operation and order gives exactly the per-sample (batch of one) result."""
+    x = random_images(batch=8, size=24, seed=5)
+    u = torch.rand(8, COLOR_UNIFORMS, generator=torch.Generator().manual_seed(3))
+    u[:, 0] = 0.0  # jitter every sample, in eight random orders
+    p = color_params_from_uniform(u, CFG, 0)
+    batched = apply_color_params(x.clone(), p)
+    for i in range(8):
+        single = ColorParams(**{k: v[i : i + 1] for k, v in vars(p).items()})
+        torch.testing.assert_close(batched[i : i + 1], apply_color_params(x[i : i + 1].clone(), single))
+
+
+def test_batched_color_augment_per_sample_parameters_and_determinism():
+    module = BatchedColorAugment(CFG)
+    crops = torch.randint(0, 256, (1, 3, S, S), dtype=torch.uint8).expand(6, -1, -1, -1)
+    out = module(crops, view=0, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (6, 3, S, S) and out.dtype == torch.float32
+    assert len({tuple(row.flatten()[:64].tolist()) for row in out}) == 6
+    again = module(crops, view=0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    from_float = module(to_float_batch(crops), view=0, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(from_float, out)
+    with pytest.raises(ValueError, match="view"):
+        module(crops, view=2)
+
+
+def test_cpu_and_batched_output_statistics_agree():
+    """On one fixed image, the two paths give the same distribution of per-view mean and contrast."""
+    size, n = 24, 300
+    cfg = SimCLRAugmentConfig(image_size=size, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0,
+                              blur_sigma=(0.1, 1.5))  # fmt: skip
+    image = photo(size, size)
+    transform = TwoViewTransform(cfg)
+    cpu = torch.stack([transform(image, i)[0] for i in range(n)])
+    crops = TwoViewTransform(dataclasses.replace(cfg, gpu_color=True))(image, 0)[0]
+    batched = BatchedColorAugment(cfg)(crops.expand(n, -1, -1, -1), 0, torch.Generator().manual_seed(0))
+    for stat in (lambda t: t.mean(dim=(1, 2, 3)), lambda t: t.std(dim=(1, 2, 3)), lambda t: t[:, 0].mean((1, 2))):
+        a, b = stat(cpu).numpy(), stat(batched).numpy()
+        assert ks_statistic(a, b) < ks_critical(n, n)
+        assert abs(a.mean() - b.mean()) < 4 * math.sqrt((a.var() + b.var()) / n)
+
+
+def test_config_validation():
+    assert SimCLRAugmentConfig(blur_p=0.3).blur_p == (0.3, 0.3)
+    for bad in ({"jitter_p": 1.5}, {"blur_p": (0.5, 2.0)}, {"crop_scale": (0.5, 0.1)}, {"hue": 0.7},
+                {"blur_sigma": (0.0, 1.0)}, {"image_size": 6}, {"std": (1.0, 0.0, 1.0)}):  # fmt: skip
+        with pytest.raises(ValueError):
+            SimCLRAugmentConfig(**bad)
+
+
+def test_naive_pipeline_and_benchmark_run():
+    views = naive_torchvision_two_view(CFG)(photo())
+    assert [tuple(v.shape) for v in views] == [(3, S, S), (3, S, S)]
+    rates = benchmark_two_view(CFG, num_images=2, size=(48, 40))
+    assert set(rates) >= {"fast_per_s", "naive_per_s", "fast_per_cpu_s", "speedup"}
+    assert all(v > 0 for v in rates.values())
