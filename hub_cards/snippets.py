@@ -138,6 +138,7 @@ def timm_snippet(repo_id: str, revision: str, stock: StockFormats) -> str:
         f"model = VisionTransformer({kwargs}).eval()\n"
         f'path = hf_hub_download("{repo_id}", "{stock.timm_file}", revision="{revision}")\n'
         "model.load_state_dict(load_file(path))\n"
+        "# pixel_values: (B, 3, img_size, img_size), normalised by this repository's image processor\n"
         "tokens = model.forward_features(pixel_values)  # (B, 1 + N, D), equal to last_hidden_state\n"
         "```"
     )

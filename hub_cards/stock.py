@@ -2,7 +2,7 @@
 
 - Encoder -> transformers `Dinov2Model` with `layerscale_value=1.0`: the same pre-norm blocks, final LayerNorm,
   [CLS]-after-LayerNorm pooler and float32 bicubic position-embedding resampling; the layer scales are ones, so the
-  outputs are bitwise equal. (`ViTModel` would need `interpolate_pos_encoding=True` for other sizes and has no
+  outputs agree to float rounding (bitwise in the CPU tests). (`ViTModel` would need `interpolate_pos_encoding=True` for other sizes and has no
   [CLS] pooler without an untrained dense layer.)
 - Encoder -> timm `VisionTransformer` state dict (`densecl_to_timm`).
 - UPerNet segmenter -> transformers `UperNetForSemanticSegmentation` over a `BeitBackbone` (absolute position
@@ -10,7 +10,8 @@
   `add_fpn=True` for the deconv/pool pyramid, `out_indices` = our 1-based block numbers). BEiT's key projection has
   no bias; a key bias adds q·b_k to every logit of a query, which softmax cancels, so dropping it is exact.
   `BeitForSemanticSegmentation` itself does not fit: it returns logits at 1/4 resolution, its decoder width is tied
-  to `hidden_size`, and it reads `hidden_states[i - 1]` for `out_indices` i, so the last block cannot be selected.
+  to `hidden_size`, and it reads `hidden_states[i - 1]` for `out_indices` i in 0..L (sorted), so the last block can
+  feed only the finest pyramid level (i = 0), never the coarsest one as ours does.
 
 The linear segmentation head and both depth heads have no stock transformers counterpart.
 """
@@ -189,9 +190,10 @@ def stock_image_processor(processor: DenseCLViTImageProcessor, stock_model: PreT
             f"stock image processors need a fixed size; this one resizes by {processor.size}. Save the model's "
             "processor with size={'height': h, 'width': w}."
         )
+    height, width = processor.output_size(1, 1)  # the fixed size, rounded to the size divisor as ours does
     kwargs: dict[str, Any] = dict(
         do_resize=processor.do_resize,
-        size={"height": processor.size["height"], "width": processor.size["width"]},
+        size={"height": height, "width": width},
         resample={"nearest": 0, "bilinear": 2, "bicubic": 3}.get(processor.resample, processor.resample),
         do_rescale=processor.do_rescale,
         rescale_factor=processor.rescale_factor,

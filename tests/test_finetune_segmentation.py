@@ -111,7 +111,7 @@ def test_read_id2label_accepts_objects_lists_and_shipped_names(tmp_path):
     assert len(ade) == 150 and ade[0] == "wall" and ade[149] == "flag"
 
 
-def test_missing_class_names_say_how_to_supply_them(files, tmp_path):
+def test_missing_class_names_say_how_to_supply_them(files, tmp_path, capsys):
     bare = tmp_path / "bare"
     bare.mkdir()
     for parquet in (files["data"] / "data").glob("*.parquet"):
@@ -119,6 +119,7 @@ def test_missing_class_names_say_how_to_supply_them(files, tmp_path):
     argv = run_args(files, tmp_path / "out", "--max-steps", "1")
     argv[1] = str(bare / "train-00000-of-00001.parquet")
     assert cli_main(main, FinetuneSegmentationConfig, argv) == 2
+    assert "--id2label FILE.json" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("size", ["tiny", "small", "base"])
@@ -315,7 +316,9 @@ def test_script_runs_as_a_subprocess_and_refuses_bad_options(files, tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert (out / "final/model.safetensors").is_file() and not (out / "eval_results.json").exists()
-    assert cli_main(main, FinetuneSegmentationConfig, [*argv, "--crop-size", "36,36"]) == 2
+    with pytest.raises(SystemExit) as bad:  # a bad option: one line on stderr, status 2, before any loading
+        cli_main(main, FinetuneSegmentationConfig, [*argv, "--eval-stride", "64"])
+    assert bad.value.code == 2
 
 
 def test_loss_drops_clearly_in_100_steps(files, tmp_path):

@@ -410,7 +410,7 @@ def train_loop(
     guard.num_skipped = state.nonfinite_skips
     meter, window = ThroughputMeter(window=max(2, args.log_every)), _LossWindow(accelerator.device)
     global_batch = args.per_device_batch_size * accelerator.num_processes
-    status, final_loss, eval_metrics = "completed", None, {}
+    status, final_loss, eval_metrics, due = "completed", None, {}, False
     started, elapsed_before = time.perf_counter(), state.elapsed_s
     model.train()
     with (
@@ -462,10 +462,12 @@ def train_loop(
                 metrics.log(state.step, **eval_metrics)
                 accelerator.log(eval_metrics, step=state.step)
                 meter.reset()
-            at_checkpoint = state.step % args.checkpoint_every == 0 or last
+            due = due or state.step % args.checkpoint_every == 0 or last
+            at_checkpoint = due and guard.consecutive == 0  # never mid-streak: keep the last good checkpoints
             stop = preempt.should_stop_at(state.step, force_sync=at_checkpoint)
             if at_checkpoint or stop:
                 _save(accelerator, args, state, loader, signature)
+                due = False
             if stop and not last:
                 status = "preempted"
                 accelerator.print(
