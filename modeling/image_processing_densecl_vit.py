@@ -1,36 +1,30 @@
 """Image processor for DenseCL-ViT: resize, rescale, normalise, plus the post-processing the pipelines call."""
 
-import numpy as np
 import torch
-from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers.image_transforms import to_pil_image
+from transformers.image_utils import PILImageResampling, to_numpy_array
 
+# Remote code: this file imports only torch and transformers (PIL and NumPy are reached through transformers).
 IMAGENET_DEFAULT_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_DEFAULT_STD = [0.229, 0.224, 0.225]
 _RESAMPLE = {
-    "nearest": Image.NEAREST,
-    "bilinear": Image.BILINEAR,
-    "bicubic": Image.BICUBIC,
-    0: Image.NEAREST,
-    2: Image.BILINEAR,
-    3: Image.BICUBIC,
+    "nearest": PILImageResampling.NEAREST,
+    "bilinear": PILImageResampling.BILINEAR,
+    "bicubic": PILImageResampling.BICUBIC,
+    0: PILImageResampling.NEAREST,
+    2: PILImageResampling.BILINEAR,
+    3: PILImageResampling.BICUBIC,
 }
 
 
-def _to_pil(image) -> Image.Image:
-    """PIL image, (H, W[, C]) / (C, H, W) array or tensor -> RGB PIL image."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB") if image.mode != "RGB" else image
-    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
-        array = array.transpose(1, 2, 0)
-    if array.dtype != np.uint8:
-        # Floats in [0, 1] are scaled; anything else is clipped to the uint8 range.
-        array = array * 255.0 if array.dtype.kind == "f" and array.max(initial=0) <= 1.0 else array
-        array = np.clip(array, 0, 255).round().astype(np.uint8)
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    return Image.fromarray(array).convert("RGB")
+def _to_rgb_pil(image):
+    """PIL image, (H, W[, C]) / (C, H, W) array or tensor -> RGB PIL image (floats in [0, 1] are rescaled)."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if not hasattr(image, "convert"):
+        image = to_pil_image(image)
+    return image.convert("RGB") if image.mode != "RGB" else image
 
 
 class DenseCLViTImageProcessor(BaseImageProcessor):
@@ -98,18 +92,18 @@ class DenseCLViTImageProcessor(BaseImageProcessor):
         div = self.size_divisor or 1
         return max(div, int(round(height / div)) * div), max(div, int(round(width / div)) * div)
 
-    def _preprocess_one(self, image, do_resize: bool, do_rescale: bool, do_normalize: bool) -> np.ndarray:
-        pil = _to_pil(image)
+    def _preprocess_one(self, image, do_resize: bool, do_rescale: bool, do_normalize: bool) -> torch.Tensor:
+        pil = _to_rgb_pil(image)
         if do_resize:
             height, width = self.output_size(pil.height, pil.width)
             if (height, width) != (pil.height, pil.width):
                 pil = pil.resize((width, height), resample=_RESAMPLE[self.resample])
-        array = np.asarray(pil, dtype=np.float32)
+        pixels = torch.from_numpy(to_numpy_array(pil).copy()).float()  # (H, W, 3)
         if do_rescale:
-            array = array * self.rescale_factor
+            pixels = pixels * self.rescale_factor
         if do_normalize:
-            array = (array - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
-        return array.transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+            pixels = (pixels - torch.tensor(self.image_mean)) / torch.tensor(self.image_std)
+        return pixels.permute(2, 0, 1).contiguous()  # (H, W, 3) -> (3, H, W)
 
     def preprocess(
         self,
@@ -121,9 +115,7 @@ class DenseCLViTImageProcessor(BaseImageProcessor):
         **kwargs,
     ) -> BatchFeature:
         """One image or a list of images -> `BatchFeature` with `pixel_values` (B, 3, H, W)."""
-        if isinstance(images, (Image.Image, np.ndarray, torch.Tensor)) and not (
-            not isinstance(images, Image.Image) and np.ndim(images) == 4
-        ):
+        if not isinstance(images, (list, tuple)) and getattr(images, "ndim", 3) != 4:
             images = [images]
         arrays = [
             self._preprocess_one(
@@ -140,7 +132,10 @@ class DenseCLViTImageProcessor(BaseImageProcessor):
                 f"images were resized to different sizes {sorted(shapes)}; use a fixed size "
                 "{'height': h, 'width': w} to batch them, or pass them one at a time."
             )
-        return BatchFeature(data={"pixel_values": np.stack(arrays)}, tensor_type=return_tensors)
+        pixel_values = torch.stack(arrays)
+        if return_tensors != "pt":
+            pixel_values = pixel_values.numpy()
+        return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=return_tensors)
 
     def __call__(self, images, **kwargs) -> BatchFeature:
         return self.preprocess(images, **kwargs)

@@ -96,6 +96,8 @@ def test_encoder_flops_match_flop_counter(tiny):
     with torch.no_grad():
         counted = counted_flops(lambda: model(pixels))
     assert counted == pytest.approx(3 * encoder_flops(config), rel=0.02)
+    counted = counted_flops(lambda: model(pixels).last_hidden_state.sum().backward())
+    assert counted == pytest.approx(3 * encoder_flops(config, backward=True), rel=0.02)
 
 
 def test_pretraining_flops_match_flop_counter(tiny):
@@ -103,7 +105,7 @@ def test_pretraining_flops_match_flop_counter(tiny):
     model = DenseCLViTForPreTraining(config)
     views = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
     counted = counted_flops(lambda: model(*views).loss.backward())
-    assert counted == pytest.approx(pretraining_step_flops(config, 4), rel=0.05)
+    assert counted == pytest.approx(pretraining_step_flops(config, 4), rel=0.02)
 
 
 @pytest.mark.parametrize(

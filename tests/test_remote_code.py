@@ -61,3 +61,24 @@ def test_auto_classes_load_in_process_without_remote_code(tmp_path, tiny):
     DenseCLViTModel(tiny()).save_pretrained(folder)
     assert type(AutoConfig.from_pretrained(folder)).__name__ == "DenseCLViTConfig"
     assert isinstance(AutoModel.from_pretrained(folder), DenseCLViTModel)
+
+
+def test_remote_code_files_import_only_torch_and_transformers():
+    """What a Hub user executes with trust_remote_code must not reach beyond torch, transformers and the stdlib."""
+    import ast
+    import sys
+    from pathlib import Path
+
+    allowed = {"torch", "transformers"} | set(sys.stdlib_module_names)
+    modeling = Path(__file__).resolve().parents[1] / "modeling"
+    files = [p for p in modeling.glob("*.py") if p.name != "__init__.py"]
+    assert {p.name for p in files} >= {"configuration_densecl_vit.py", "modeling_densecl_vit.py"}
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                roots = {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                roots = {node.module.split(".")[0]}
+            else:
+                continue
+            assert roots <= allowed, f"{path.name} imports {roots - allowed}"

@@ -30,7 +30,6 @@ import contextlib
 import datetime
 import gc
 import io
-import math
 import os
 import platform
 import resource
@@ -38,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..modeling import DenseCLViTConfig, DenseCLViTForPreTraining, DenseCLViTModel
 from .conversion import densecl_to_timm
@@ -112,32 +113,41 @@ def vit_forward_flops(
     return embed + num_layers * block
 
 
-def encoder_flops(config: DenseCLViTConfig, image_size: int | None = None) -> int:
-    """`vit_forward_flops` of a config, at `image_size` (default: the config's)."""
-    return vit_forward_flops(
-        image_size or config.image_size,
+def encoder_flops(config: DenseCLViTConfig, image_size: int | None = None, backward: bool = False) -> int:
+    """`vit_forward_flops` of a config at `image_size` (default: the config's); with `backward`, forward+backward.
+
+    The backward pass costs twice the forward (per matrix product, one for the input's gradient and one for the
+    weights'), except that the pixels need no gradient: 3 x forward - the patch embedding's input gradient.
+    """
+    size = image_size or config.image_size
+    forward = vit_forward_flops(
+        size,
         config.patch_size,
         config.hidden_size,
         config.num_hidden_layers,
         config.mlp_ratio,
         config.num_channels,
     )
+    if not backward:
+        return forward
+    patches = (size // config.patch_size) ** 2
+    return 3 * forward - 2 * patches * config.patch_size**2 * config.num_channels * config.hidden_size
 
 
 def pretraining_step_flops(config: DenseCLViTConfig, batch_size: int, image_size: int | None = None) -> int:
-    """FLOPs of one pre-training step on `batch_size` images (2B views): 3 x the forward pass.
+    """FLOPs of one pre-training step (forward + backward) on `batch_size` images, i.e. 2B views.
 
-    Forward = 2B encoder passes + the projection head on all 2B (N + 1) tokens, 2 (D H + H^2 + H P) each
-    (3 linear layers D -> H -> H -> P), + the symmetric local-to-global loss: per direction the positives
-    (B N P multiply-adds) and the logits against every patch of the batch (B^2 N P). The backward pass costs
-    about twice the forward (a gradient for the input and one for the weights per matrix product), hence 3x.
+    2B encoder passes (`encoder_flops` with backward) + 3 x the forward of the projection head on all 2B (N + 1)
+    tokens, 2 (D H + H^2 + H P) each (3 linear layers D -> H -> H -> P), + 3 x the forward of the symmetric
+    local-to-global loss: per direction the positives (B N P multiply-adds) and the logits against every
+    patch of the batch (B^2 N P).
     """
     size = image_size or config.image_size
     patches = (size // config.patch_size) ** 2
     dim, hidden, out = config.hidden_size, config.projection_hidden_size, config.projection_dim
     head = 2 * (patches + 1) * (dim * hidden + hidden * hidden + hidden * out)
     loss = 2 * 2 * (batch_size * patches * out + batch_size**2 * patches * out)
-    return 3 * (2 * batch_size * (encoder_flops(config, size) + head) + loss)
+    return 2 * batch_size * (encoder_flops(config, size, backward=True) + 3 * head) + 3 * loss
 
 
 def peak_tflops(device_name: str) -> float | None:
@@ -247,6 +257,35 @@ def time_interleaved(
     return timings
 
 
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten operators that run (forward and backward), by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        self.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def operator_difference(
+    ours: Callable[[torch.Tensor], torch.Tensor],
+    reference: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+) -> tuple[dict[str, int], dict[str, int]]:
+    """The aten operators that one forward+backward of `ours` runs more often than `reference`, and vice versa.
+
+    Noise-free evidence, where timings are noisy, that two implementations do the same work.
+    """
+    counts = []
+    for fn in (ours, reference):
+        with _OpCounter() as counter:
+            fn(x).float().sum().backward()
+        counts.append(counter.counts)
+    return dict(counts[0] - counts[1]), dict(counts[1] - counts[0])
+
+
 # --- options and models --------------------------------------------------------------------------------
 
 
@@ -330,6 +369,10 @@ def encoder_benchmark(size: str, opts: BenchOptions) -> list[dict[str, Any]]:
     }
     with torch.no_grad(), opts.autocast():
         difference = (functions["ours"](x) - functions["timm"](x)).abs().max().item()
+    with opts.autocast():
+        extra_ours, extra_timm = operator_difference(functions["ours"], functions["timm"], x[:1])
+    ours.zero_grad(set_to_none=True)
+    reference.zero_grad(set_to_none=True)
     if opts.compile:
         functions = {name: torch.compile(fn) for name, fn in functions.items()}
 
@@ -354,9 +397,9 @@ def encoder_benchmark(size: str, opts: BenchOptions) -> list[dict[str, Any]]:
     candidates.update({f"{n}_forward_backward": forward_backward(f, models[n]) for n, f in functions.items()})
     timings = time_interleaved(candidates, opts.repeats, opts.warmup, opts.device)
     rows = []
-    for mode, factor in (("forward", 1), ("forward_backward", 3)):
+    for mode in ("forward", "forward_backward"):
         mine, theirs = timings[f"ours_{mode}"], timings[f"timm_{mode}"]
-        flops = factor * encoder_flops(config)
+        flops = encoder_flops(config, backward=mode == "forward_backward")
         rows.append({
             "size": size,
             "mode": mode,
@@ -371,6 +414,8 @@ def encoder_benchmark(size: str, opts: BenchOptions) -> list[dict[str, Any]]:
             "ours_tflops": flops * opts.batch / mine.median / 1e12,
             "ours_mfu": _utilisation(flops * opts.batch / mine.median, opts),
             "max_abs_difference": difference,
+            "extra_ops_ours": extra_ours,
+            "extra_ops_timm": extra_timm,
         })  # fmt: skip
     return rows
 
@@ -437,7 +482,7 @@ def pretraining_step_benchmark(size: str, opts: BenchOptions, accelerator: Any) 
     t = time_interleaved(candidates, opts.repeats, opts.warmup, opts.device)
     base = t["encoder_two_view"].median
     step_flops = pretraining_step_flops(config, opts.batch)
-    encoder_train_flops = 3 * 2 * opts.batch * encoder_flops(config)
+    encoder_train_flops = 2 * opts.batch * encoder_flops(config, backward=True)
     return {
         "size": size,
         "batch": opts.batch,
@@ -491,7 +536,8 @@ def augmentation_benchmark(opts: BenchOptions) -> dict[str, Any]:
 
     jpegs = synthetic_jpegs(8, opts.source_size)
     cfg = SimCLRAugmentConfig(image_size=opts.image_size)
-    ours, crop_only = TwoViewTransform(cfg), TwoViewTransform(SimCLRAugmentConfig(opts.image_size, gpu_color=True))
+    ours = TwoViewTransform(cfg)
+    crop_only = TwoViewTransform(SimCLRAugmentConfig(opts.image_size, gpu_color=True))
     naive = naive_torchvision_two_view(cfg)
     counter = iter(range(10**9))
 
@@ -651,19 +697,113 @@ def _fmt(value: float | None, digits: int = 1, suffix: str = "") -> str:
     return "n/a" if value is None else f"{value:,.{digits}f}{suffix}"
 
 
-def _table(header: Sequence[str], rows: list[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+def _pct(fraction: float | None) -> str:
+    return _fmt(None if fraction is None else 100 * fraction, 1, "%")
+
+
+def _table(title: str, header: Sequence[str], rows: list[Sequence[str]]) -> list[str]:
+    lines = [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(row) + " |" for row in rows] + [""]
+
+
+def _encoder_table(rows: list[dict[str, Any]]) -> list[str]:
+    header = ["size", "pass", "batch", "ours img/s", "timm img/s", "time ours/timm", "CPU-time ours/timm"]
+    header += ["peak MB ours / timm", "TFLOP/s", "MFU"]
+    body = [
+        [r["size"], r["mode"].replace("_", "+"), str(r["batch"]), _fmt(r["ours_images_per_s"])]
+        + [_fmt(r["timm_images_per_s"]), _fmt(r["time_ratio"], 3, "x"), _fmt(r["cpu_time_ratio"], 3, "x")]
+        + [
+            f"{r['ours_peak_mb']:,.0f} / {r['timm_peak_mb']:,.0f}",
+            _fmt(r["ours_tflops"], 3),
+            _pct(r["ours_mfu"]),
+        ]
+        for r in rows
+    ]
+    lines = _table("Encoder vs timm VisionTransformer (same weights)", header, body)
+    for r in rows[::2]:
+        extra = ", ".join(f"{n} x{c}" for n, c in r["extra_ops_ours"].items()) or "none"
+        fewer = ", ".join(f"{n} x{c}" for n, c in r["extra_ops_timm"].items()) or "none"
+        lines.append(
+            f"{r['size']}: aten operators of one forward+backward, ours beyond timm's: {extra}; timm's beyond "
+            f"ours: {fewer}. Largest output difference {r['max_abs_difference']:.1e}."
+        )
+    return lines + [""]
+
+
+def _step_table(rows: list[dict[str, Any]]) -> list[str]:
+    header = ["size", "batch (x2 views)", "step img/s", "encoder img/s", "overhead", "head", "loss"]
+    header += ["grad norm + AdamW", "FLOP overhead", "peak MB step / encoder", "MFU"]
+    body = [
+        [
+            r["size"],
+            str(r["batch"]),
+            _fmt(r["train_step_images_per_s"]),
+            _fmt(r["encoder_two_view_images_per_s"]),
+        ]
+        + [_fmt(r[key], 1, "%") for key in ("overhead_pct", "head_pct", "loss_pct", "optimizer_pct")]
+        + [_fmt(r["flop_overhead_pct"], 1, "%")]
+        + [
+            f"{r['train_step_peak_mb']:,.0f} / {r['encoder_two_view_peak_mb']:,.0f}",
+            _pct(r["train_step_mfu"]),
+        ]
+        for r in rows
+    ]
+    return _table("Pre-training step vs the encoder's two-view forward+backward", header, body)
+
+
+def _augmentation_table(a: dict[str, Any]) -> list[str]:
+    names = {
+        "ours": "ours (decode + crops + colour)",
+        "crop_only": "ours, --gpu-augment (decode + crops)",
+        "naive": "torchvision v2 on PIL (decode + all)",
+    }
+    body = [
+        [
+            label,
+            _fmt(a[f"{key}_images_per_s"]),
+            _fmt(a[f"{key}_images_per_cpu_s"]),
+            _fmt(a[f"{key}_peak_mb"], 0),
+        ]
+        for key, label in names.items()
+    ]
+    source = "x".join(str(v) for v in a["source_size"])
+    title = f"Two-view augmentation per worker (one thread, JPEG {source} -> 2 x {a['image_size']} px)"
+    lines = _table(title, ["pipeline", "images/s", "images per CPU-second", "peak MB"], body)
+    return lines + [
+        f"Speed-up over torchvision: {a['speedup']:.2f}x (CPU time: {a['cpu_speedup']:.2f}x).",
+        "",
+    ]
+
+
+def _end_to_end_table(e: dict[str, Any]) -> list[str]:
+    header = ["size", "batch", "workers", "loader img/s", "model-only img/s", "time loader/model-only"]
+    header += ["waiting for data", "peak MB main / worker"]
+    body = [
+        [
+            e["size"],
+            str(e["batch"]),
+            str(e["workers"]),
+            _fmt(e["images_per_s"]),
+            _fmt(e["model_only_images_per_s"]),
+        ]
+        + [
+            _fmt(e["ratio"], 2, "x"),
+            _pct(e["data_wait_fraction"]),
+            f"{e['peak_mb']:,.0f} / {e['worker_peak_mb']:,.0f}",
+        ]
+    ]
+    return _table("End-to-end pre-training with the streaming loader", header, body)
 
 
 def render_markdown(results: dict[str, Any]) -> str:
     """results.json as Markdown: the machine and versions, then one table per section that ran."""
     env = results["environment"]
+    gpu = env["device_name"] + ", " if env["device"] == "cuda" else ""
     lines = [
         "# DenseCL-ViT benchmark",
         "",
-        f"- Machine: {env['device_name'] + ', ' if env['device'] == 'cuda' else ''}{env['cpu']}, "
-        f"{env['cpu_count']} CPUs, {env['torch_threads']} torch threads; device {env['device']}",
+        f"- Machine: {gpu}{env['cpu']}, {env['cpu_count']} CPUs, {env['torch_threads']} torch threads; "
+        f"device {env['device']}",
         f"- torch {env['torch']}, torchvision {env['torchvision']}, transformers {env['transformers']}, "
         f"timm {env['timm']}, Python {env['python']}; {env['date']}",
         f"- dtype {env['dtype']}, attention {env['attention']}, torch.compile {env['compile']}, "
@@ -671,48 +811,15 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"- Command: `{env['command']}`",
         "",
     ]
-    if results.get("encoder"):
-        lines += ["## Encoder vs timm VisionTransformer (same weights)", ""]
-        header = ["size", "pass", "batch", "ours img/s", "timm img/s", "time ours/timm", "CPU-time ours/timm",
-                  "peak MB ours / timm", "TFLOP/s", "MFU"]  # fmt: skip
-        rows = [[r["size"], r["mode"].replace("_", "+"), str(r["batch"]), _fmt(r["ours_images_per_s"]),
-                 _fmt(r["timm_images_per_s"]), _fmt(r["time_ratio"], 3, "x"), _fmt(r["cpu_time_ratio"], 3, "x"),
-                 f"{r['ours_peak_mb']:,.0f} / {r['timm_peak_mb']:,.0f}", _fmt(r["ours_tflops"], 3),
-                 _fmt(None if r["ours_mfu"] is None else 100 * r["ours_mfu"], 1, "%")]
-                for r in results["encoder"]]  # fmt: skip
-        lines += _table(header, rows)
-    if results.get("pretraining_step"):
-        lines += ["## Pre-training step vs the encoder's two-view forward+backward", ""]
-        header = ["size", "batch (x2 views)", "step img/s", "encoder img/s", "overhead", "head", "loss",
-                  "grad norm + AdamW", "FLOP overhead", "peak MB step / encoder", "MFU"]  # fmt: skip
-        rows = [[r["size"], str(r["batch"]), _fmt(r["train_step_images_per_s"]),
-                 _fmt(r["encoder_two_view_images_per_s"]), _fmt(r["overhead_pct"], 1, "%"),
-                 _fmt(r["head_pct"], 1, "%"), _fmt(r["loss_pct"], 1, "%"), _fmt(r["optimizer_pct"], 1, "%"),
-                 _fmt(r["flop_overhead_pct"], 1, "%"),
-                 f"{r['train_step_peak_mb']:,.0f} / {r['encoder_two_view_peak_mb']:,.0f}",
-                 _fmt(None if r["train_step_mfu"] is None else 100 * r["train_step_mfu"], 1, "%")]
-                for r in results["pretraining_step"]]  # fmt: skip
-        lines += _table(header, rows)
-    if results.get("augmentation"):
-        a = results["augmentation"]
-        source = "x".join(str(v) for v in a["source_size"])
-        lines += [f"## Two-view augmentation per worker (one thread, JPEG {source} -> 2 x {a['image_size']} px)", ""]
-        header = ["pipeline", "images/s", "images per CPU-second", "peak MB"]
-        names = {"ours": "ours (decode + crops + colour)", "crop_only": "ours, --gpu-augment (decode + crops)",
-                 "naive": "torchvision v2, PIL (decode + all)"}  # fmt: skip
-        rows = [[label, _fmt(a[f"{key}_images_per_s"]), _fmt(a[f"{key}_images_per_cpu_s"]), _fmt(a[f"{key}_peak_mb"], 0)]
-                for key, label in names.items()]  # fmt: skip
-        lines += _table(header, rows)
-        lines += [f"Speed-up over torchvision: {a['speedup']:.2f}x (CPU time: {a['cpu_speedup']:.2f}x).", ""]
-    if results.get("end_to_end"):
-        e = results["end_to_end"]
-        lines += ["## End-to-end pre-training with the streaming loader", ""]
-        header = ["size", "batch", "workers", "loader img/s", "model-only img/s", "time loader/model-only",
-                  "waiting for data", "peak MB main / worker"]  # fmt: skip
-        rows = [[e["size"], str(e["batch"]), str(e["workers"]), _fmt(e["images_per_s"]),
-                 _fmt(e["model_only_images_per_s"]), _fmt(e["ratio"], 2, "x"),
-                 _fmt(100 * e["data_wait_fraction"], 1, "%"), f"{e['peak_mb']:,.0f} / {e['worker_peak_mb']:,.0f}"]]  # fmt: skip
-        lines += _table(header, rows)
+    tables = {
+        "encoder": _encoder_table,
+        "pretraining_step": _step_table,
+        "augmentation": _augmentation_table,
+        "end_to_end": _end_to_end_table,
+    }
+    for name, table in tables.items():
+        if results.get(name):
+            lines += table(results[name])
     lines += [f"- {note}" for note in results.get("notes", [])]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -812,7 +919,9 @@ def run(opts: BenchOptions, argv: Sequence[str] = ()) -> dict[str, Any]:
     accelerator = _accelerator(opts) if {"pretraining_step", "end_to_end"} & set(opts.sections) else None
     sections: dict[str, Callable[[], Any]] = {
         "encoder": lambda: [row for size in opts.sizes for row in encoder_benchmark(size, opts)],
-        "pretraining_step": lambda: [pretraining_step_benchmark(size, opts, accelerator) for size in opts.sizes],
+        "pretraining_step": lambda: [
+            pretraining_step_benchmark(size, opts, accelerator) for size in opts.sizes
+        ],
         "augmentation": lambda: augmentation_benchmark(opts),
         "end_to_end": lambda: _end_to_end(opts, accelerator),
     }
@@ -829,7 +938,8 @@ def run(opts: BenchOptions, argv: Sequence[str] = ()) -> dict[str, Any]:
     elif opts.peak_tflops is None:
         results["notes"].append("Unknown GPU peak: pass --peak-tflops for MFU.")
     results["notes"].append(
-        "FLOPs: 2 N p^2 C D + L (24 T D^2 + 4 T^2 D) per image forward (T = N + 1 tokens), training = 3x forward."
+        "FLOPs per image forward: 2 N p^2 C D + L (24 T D^2 + 4 T^2 D) (T = N + 1 tokens); forward+backward = "
+        "3x forward, less the patch embedding's input gradient."
     )
     opts.output_dir.mkdir(parents=True, exist_ok=True)
     write_json(opts.output_dir / "results.json", results)

@@ -542,5 +542,8 @@ def build_dataloader(
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
         persistent_workers=persistent_workers and num_workers > 0,
         in_order=True,  # round-robin over workers: the order the chunk assignment relies on
+        # Each new iterator draws a seed from this generator; a private one keeps the global RNG (drop path,
+        # dropout) untouched, so a resumed run, which starts a new iterator, repeats the uninterrupted one.
+        generator=torch.Generator(),
     )
     return StreamLoader(samples, dataloader, batch_size, drop_last=drop_last, worker_split=worker_split)

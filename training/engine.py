@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -235,6 +236,12 @@ def build_accelerator(args: TrainingArgs) -> Accelerator:
         project_config=project,
         step_scheduler_with_optimizer=False,
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > accelerator.num_processes:
+        raise SetupError(
+            f"launched as {launched} processes but accelerate set up {accelerator.num_processes} (no GPU?); "
+            "on CPUs use: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ..."
+        )
     logging.basicConfig(
         format="%(levelname)s %(name)s: %(message)s",
         level=logging.INFO if accelerator.is_main_process else logging.WARNING,
@@ -321,7 +328,7 @@ def train_step(
     loss = model(**batch).loss
     accelerator.backward(loss)
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
-    skipped = guard.check(loss, grad_norm=grad_norm, step=step)
+    skipped = guard.check(loss.detach(), grad_norm=grad_norm, step=step)
     if not skipped or accelerator.scaler is not None:
         optimizer.step()  # fp16: the GradScaler skips non-finite updates itself and must see every step
     scheduler.step()

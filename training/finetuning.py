@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import types
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,6 +48,7 @@ FINETUNE_CRITICAL_KEYS = (
     "optimizer",
     "lr_schedule",
     "poly_power",
+    "freeze_encoder",
 )
 _CONFIG_META = ("architectures", "auto_map", "transformers_version", "model_type")
 
@@ -75,6 +76,9 @@ class FinetuneArgs(TrainingArgs):
     optimizer: Literal["adamw", "adam"] = _opt("adamw", "AdamW (decoupled weight decay) or Adam (L2 penalty)")
     lr_schedule: Literal["poly", "cosine"] = _opt("poly", "decay after the linear warm-up")
     poly_power: float = _opt(1.0, "exponent of the poly decay")
+    freeze_encoder: bool = _opt(
+        False, "train the head only (linear probing): the encoder's weights stay as loaded"
+    )
     eval_split: str | None = _opt(
         "validation", "split evaluated during and after training; none: no evaluation"
     )
@@ -183,7 +187,10 @@ def build_optimizer(
     cfg: FinetuneArgs, model: nn.Module, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """Layer-wise lr decay groups (decay 1 when --layer-decay is none), AdamW or Adam at --lr, poly or cosine
-    decay after a linear warm-up. Build it after moving the model to its device."""
+    decay after a linear warm-up. Build it after moving the model to its device. With --freeze-encoder the
+    encoder's parameters stop requiring gradients first, so the groups hold the head's parameters only."""
+    if cfg.freeze_encoder:
+        model.densecl_vit.requires_grad_(False)
     groups = param_groups_layer_decay(
         model, cfg.weight_decay, cfg.layer_decay or 1.0, model.config.num_hidden_layers
     )
@@ -268,19 +275,6 @@ def open_eval_source(
 # --- evaluation ---------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def preserved_rng(device: torch.device) -> Iterator[None]:
-    """Run a block without moving the global RNG streams (a DataLoader draws its seed from them), so that
-    evaluating mid-run leaves the training randomness, and with it a resumed run, unchanged."""
-    devices = (
-        []
-        if device.type != "cuda"
-        else [torch.cuda.current_device() if device.index is None else device.index]
-    )
-    with torch.random.fork_rng(devices=devices):
-        yield
-
-
 def metric_module(name: str, accelerator: Accelerator | None = None) -> types.ModuleType:
     """The Python module `evaluate.load` built for the local metric `name` (main process first: one cache
     write). The final numbers go through its functions, so the reported path is the `evaluate` module."""
@@ -326,7 +320,7 @@ def write_eval_results(
 
 class PeriodicEvaluator:
     """The engine's `evaluate(state)` callback: `evaluate_fn(model)` gives the eval_results.json fields; it runs
-    on the unwrapped model with the RNG streams preserved, and the last report is kept for the final write."""
+    on the unwrapped model, and the last report is kept for the final write."""
 
     def __init__(self, accelerator: Accelerator, model: nn.Module, evaluate_fn: Callable[[nn.Module], dict]):
         self.accelerator, self.model, self.evaluate_fn = accelerator, model, evaluate_fn
@@ -334,8 +328,7 @@ class PeriodicEvaluator:
         self.last_report: dict[str, Any] | None = None
 
     def __call__(self, state: TrainerState) -> dict[str, float]:
-        with preserved_rng(self.accelerator.device):
-            self.last_report = self.evaluate_fn(self.accelerator.unwrap_model(self.model))
+        self.last_report = self.evaluate_fn(self.accelerator.unwrap_model(self.model))
         self.last_step = state.step
         return dict(self.last_report["metrics"])
 

@@ -116,7 +116,7 @@ class FinetuneSegmentationConfig(FinetuneArgs):
     cat_max_ratio: float = _opt(0.75, "re-draw a crop (up to 10 times) while one class covers more than this")
     photometric: bool = _opt(True, "random brightness, contrast, saturation and hue distortion")
     eval_window: int | None = _opt(None, "sliding-window size at evaluation; default: the crop height")
-    eval_stride: int = _opt(341, "sliding-window stride at evaluation")
+    eval_stride: int | None = _opt(None, "sliding-window stride at evaluation; default: 2/3 of the window (341)")
 
     def validate(self) -> None:
         super().validate()
@@ -129,12 +129,21 @@ class FinetuneSegmentationConfig(FinetuneArgs):
             raise ValueError(f"--scale-range must satisfy 0 < low <= high, got {self.scale_range}")
         if not 0 < self.cat_max_ratio <= 1:
             raise ValueError(f"--cat-max-ratio must be in (0, 1], got {self.cat_max_ratio}")
-        window = self.eval_window or self.crop_size[0]
-        if window % self.patch_size() or not 0 < self.eval_stride <= window:
+        window, stride = self.eval_window_and_stride()
+        if window % self.patch_size() or not 0 < stride <= window:
             raise ValueError(
                 f"--eval-window {window} must be a multiple of the patch size {self.patch_size()} and "
-                f"--eval-stride {self.eval_stride} in [1, window]"
+                f"--eval-stride {stride} in [1, window]"
             )
+
+    def eval_window_and_stride(self) -> tuple[int, int]:
+        window = self.eval_window or self.crop_size[0]
+        return window, self.eval_stride or default_stride(window)
+
+
+def default_stride(window: int) -> int:
+    """2/3 of the window, rounded (mmseg's 512 / 341)."""
+    return max(1, min(window, round(window * 2 / 3)))
 
 
 # --- class names --------------------------------------------------------------------------------------
@@ -420,8 +429,7 @@ def main(cfg: FinetuneSegmentationConfig) -> dict[str, Any]:
         if cfg.eval_split is not None:
             source = open_eval_source(cfg, cfg.eval_split, resolve_columns, cfg.max_eval_samples)
             protocol = SegmentationProtocol(
-                cfg.eval_window or cfg.crop_size[0],
-                cfg.eval_stride,
+                *cfg.eval_window_and_stride(),
                 cfg.scale_bounds,
                 cfg.reduce_labels,
                 cfg.ignore_index,
@@ -454,7 +462,7 @@ def evaluate_folder(cfg: EvaluateConfig, accelerator: Accelerator) -> dict[str, 
     window = cfg.window or model.config.image_size
     protocol = SegmentationProtocol(
         window,
-        cfg.stride or max(1, min(window, round(window * 2 / 3))),
+        cfg.stride or default_stride(window),
         cfg.scale_bounds,
         cfg.reduce_labels,
         model.config.semantic_loss_ignore_index if cfg.ignore_index is None else cfg.ignore_index,

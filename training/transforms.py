@@ -19,11 +19,8 @@ function of the generator (or seed) passed in, e.g. ``np.random.default_rng([see
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -284,11 +281,10 @@ def adjust_hsv(x: torch.Tensor, hue_shift: Param = 0.0, saturation_scale: Param 
     h6.addcmul_(torch.sub(g, b).sub_(h6), r_max).addcmul_(
         torch.sub(b, r).add_(chroma, alpha=2.0).sub_(h6), g_max
     )
-    # hue in turns, shifted, plus n/6 + 1 so that frac acts as the mod (the hue is any value where C = 0)
+    # the shifted hue in turns (any value where C = 0), then k / 6 per channel; the offsets n/6 + 1 keep
+    # it positive so that frac is the mod: (B, 3, H, W) in [0, 1)
     turns = h6.div_(chroma.clamp_min(1e-12)).mul_(1.0 / 6.0).unsqueeze(1).add_(_per_sample(hue_shift, x))
-    k = (
-        turns + _constant((11 / 6, 9 / 6, 7 / 6), x.dtype, x.device)
-    ).frac_()  # (B, 3, H, W), (n + 6 H) / 6 mod 1
+    k = turns.add(_constant((11 / 6, 9 / 6, 7 / 6), x.dtype, x.device)).frac_()
     value, chroma = value.unsqueeze(1), chroma.unsqueeze(1)
     if not (isinstance(saturation_scale, float) and saturation_scale == 1.0):
         chroma = torch.minimum(chroma.mul_(_per_sample(saturation_scale, x)), value)
@@ -517,53 +513,3 @@ def naive_torchvision_two_view(cfg: SimCLRAugmentConfig | None = None) -> Callab
 
     first, second = one_view(c.blur_p[0]), one_view(c.blur_p[1])
     return lambda image: (first(image), second(image))
-
-
-def _benchmark_image(width: int, height: int) -> Image.Image:
-    """A smooth colourful image with mild noise, standing in for a decoded photograph."""
-    yy, xx = np.mgrid[0:height, 0:width]
-    smooth = np.stack([xx / width, yy / height, 0.5 + 0.5 * np.sin(xx / 17.0 + yy / 23.0)], axis=-1)
-    noise = np.random.default_rng(0).normal(0.0, 0.05, (height, width, 3))
-    return Image.fromarray((255 * np.clip(smooth + noise, 0, 1)).astype(np.uint8))
-
-
-def benchmark_two_view(
-    cfg: SimCLRAugmentConfig | None = None, num_images: int = 200, size: tuple[int, int] = (500, 375)
-) -> dict[str, float]:
-    """Two-view images per second with one torch thread, from a decoded PIL image of `size` (w, h).
-
-    Times this module's CPU path ("fast"), its crop-only part for ``gpu_color`` ("crop_only") and the naive
-    torchvision v2 pipeline ("naive"), interleaved in rounds of 10 so that load from other processes
-    affects all alike. Reports wall-clock rates (`*_per_s`) and rates per second of process CPU time
-    (`*_per_cpu_s`, which a busy machine inflates less).
-    """
-    cfg = cfg or SimCLRAugmentConfig()
-    image = _benchmark_image(*size)
-    fast, crop_only = TwoViewTransform(cfg), TwoViewTransform(dataclasses.replace(cfg, gpu_color=True))
-    naive = naive_torchvision_two_view(cfg)
-    fns = {
-        "fast": lambda i: fast(image, [0, i]),
-        "crop_only": lambda i: crop_only(image, [0, i]),
-        "naive": lambda i: naive(image),
-    }
-    wall, cpu = dict.fromkeys(fns, 0.0), dict.fromkeys(fns, 0.0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for start in range(0, num_images, 10):
-            for name, fn in fns.items():
-                t0, c0 = time.perf_counter(), time.process_time()
-                for i in range(start, min(start + 10, num_images)):
-                    fn(i)
-                wall[name] += time.perf_counter() - t0
-                cpu[name] += time.process_time() - c0
-    finally:
-        torch.set_num_threads(threads)
-    rates = {f"{k}_per_s": num_images / v for k, v in wall.items()}
-    rates.update({f"{k}_per_cpu_s": num_images / v for k, v in cpu.items()})
-    rates["speedup"] = wall["naive"] / wall["fast"]
-    return rates
-
-
-if __name__ == "__main__":
-    print(json.dumps(benchmark_two_view(), indent=2))

@@ -1,0 +1,348 @@
+"""The built-in demo, end to end on a CPU: render the synthetic indoor scenes, pre-train a ViT-Ti/16 with the
+local-to-global loss, fine-tune a linear segmentation head and a linear depth head from it, evaluate both, build
+two Hub-ready release folders with model cards, and print the results.
+
+Each stage is one of the project's scripts run in this process (`run_stage` parses and validates the same
+command line the script would get), so the demo exercises exactly what a user runs, without paying for a fresh
+interpreter (torch + transformers imports) per stage. Output layout under the demo folder::
+
+    data/                        the synthetic dataset (kept between runs with the same settings)
+    pretrain/final/              the pre-trained encoder (+ results.json, metrics.jsonl, config.yaml)
+    segmentation/final/          the fine-tuned segmentation model (+ eval_results.json, example.png)
+    depth/final/                 the fine-tuned depth model (+ eval_results.json, example.png)
+    release/segmentation/, release/depth/   Hub-ready folders: README.md, model.safetensors, config.json, ...
+    demo_results.json            the numbers of the printed table and the paths above
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .config import parse_config
+from .runlog import read_json, write_json
+from .synthetic_dataset import dataset_is_complete, load_synthetic_dataset, write_dataset
+
+T = TypeVar("T")
+STAGE_DIRS = ("pretrain", "segmentation", "depth", "release")
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSettings:
+    """Sizes of every stage. `model` is a preset name or a dict of `DenseCLViTConfig` fields (tiny test models).
+
+    Pre-training uses `pretrain_lr` as the base learning rate for 256 images (the script scales it by
+    batch / 256); fine-tuning uses `finetune_lr` as it is.
+    """
+
+    image_size: int = 64
+    num_train: int = 1000
+    num_val: int = 100
+    dataset_seed: int = 0
+    model: str | Mapping[str, Any] = "vit-tiny"
+    loss: str = "local-global"
+    pretrain_steps: int = 150
+    pretrain_batch_size: int = 32
+    pretrain_lr: float = 4e-3
+    crop_scale: tuple[float, float] = (0.25, 1.0)
+    projection_hidden_size: int = 512
+    projection_dim: int = 128
+    finetune_steps: int = 150
+    finetune_batch_size: int = 16
+    finetune_lr: float = 1e-3
+    layer_decay: float | None = 0.75
+    log_every: int = 10
+    num_workers: int = 1
+    plot_curves: bool = True
+    seed: int = 0
+
+    def patch_size(self) -> int:
+        return int(self.model.get("patch_size", 16)) if isinstance(self.model, Mapping) else 16
+
+    def describe_model(self) -> str:
+        if isinstance(self.model, Mapping):
+            return f"ViT (hidden {self.model.get('hidden_size')}, {self.model.get('num_hidden_layers')} blocks)"
+        return {"vit-tiny": "ViT-Ti", "vit-small": "ViT-S", "vit-base": "ViT-B"}.get(self.model, self.model)
+
+
+DEFAULT = DemoSettings()
+# Every stage at toy size (what tests/test_demo.py runs): a few seconds of compute in all.
+QUICK = DemoSettings(
+    image_size=32,
+    num_train=16,
+    num_val=4,
+    model={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "patch_size": 8},
+    pretrain_steps=2,
+    pretrain_batch_size=4,
+    projection_hidden_size=32,
+    projection_dim=16,
+    finetune_steps=2,
+    finetune_batch_size=4,
+    log_every=1,
+    num_workers=0,
+)
+
+
+# --- running the scripts in-process -------------------------------------------------------------------
+
+
+def run_stage(main_fn: Callable[[T], Any], cls: type[T], argv: Sequence[str]) -> Any:
+    """Parse `argv` into `cls` as the script would (YAML-free), validate it and run `main_fn`; returns its result.
+
+    Bad options raise the script's one-line ValueError instead of exiting, so a caller can report the stage.
+    """
+    cfg = parse_config(cls, [str(arg) for arg in argv])
+    cfg.validate()
+    return main_fn(cfg)
+
+
+def model_argument(model: str | Mapping[str, Any], folder: Path) -> str:
+    """A --model value: the preset name, or a config.json written into `folder` for a dict of fields."""
+    if isinstance(model, str):
+        return model
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model_config.json"
+    path.write_text(json.dumps(dict(model), indent=2) + "\n")
+    return str(path)
+
+
+def pretrain_argv(
+    s: DemoSettings, dataset: Path, output_dir: Path, model: str, loss: str | None = None, seed: int | None = None
+) -> list[str]:
+    """The scripts/pretrain.py command line of a pre-training run with settings `s`."""
+    argv = [
+        "--dataset", dataset, "--image-column", "image", "--model", model,
+        "--image-size", s.image_size, "--per-device-batch-size", s.pretrain_batch_size,
+        "--max-steps", s.pretrain_steps, "--lr", s.pretrain_lr, "--loss", loss or s.loss,
+        "--crop-scale", f"{s.crop_scale[0]},{s.crop_scale[1]}",
+        "--projection-hidden-size", s.projection_hidden_size, "--projection-dim", s.projection_dim,
+        "--log-every", s.log_every, "--checkpoint-every", s.pretrain_steps, "--keep-last", 1,
+        "--num-workers", s.num_workers, "--seed", s.seed if seed is None else seed,
+        "--plot-curves", s.plot_curves, "--output-dir", output_dir,
+    ]  # fmt: skip
+    return [str(arg) for arg in argv]
+
+
+def _finetune_common(s: DemoSettings, dataset: Path, encoder: str, output_dir: Path, seed: int | None) -> list:
+    crop = f"{s.image_size},{s.image_size}"
+    return [
+        "--dataset", dataset, "--model", encoder, "--crop-size", crop,
+        "--per-device-batch-size", s.finetune_batch_size, "--max-steps", s.finetune_steps, "--lr", s.finetune_lr,
+        "--layer-decay", "none" if s.layer_decay is None else s.layer_decay, "--warmup-fraction", 0.05,
+        "--log-every", s.log_every, "--checkpoint-every", s.finetune_steps, "--keep-last", 1,
+        "--num-workers", s.num_workers, "--seed", s.seed if seed is None else seed,
+        "--plot-curves", s.plot_curves, "--dataset-name", "synthetic-scenes", "--output-dir", output_dir,
+    ]  # fmt: skip
+
+
+def segmentation_argv(
+    s: DemoSettings, dataset: Path, encoder: str, output_dir: Path, seed: int | None = None
+) -> list[str]:
+    """The scripts/finetune_segmentation.py command line: linear head, images at their rendered size."""
+    size = s.image_size
+    argv = [
+        *_finetune_common(s, dataset, encoder, output_dir, seed),
+        "--image-column", "image", "--label-column", "annotation", "--decode-head", "linear",
+        "--scale-bounds", f"{size},{size}", "--scale-range", "0.75,1.5",
+        "--eval-window", size, "--eval-stride", size,
+    ]  # fmt: skip
+    return [str(arg) for arg in argv]
+
+
+def depth_argv(s: DemoSettings, dataset: Path, encoder: str, output_dir: Path, seed: int | None = None) -> list[str]:
+    """The scripts/finetune_depth.py command line: linear up-projection head, whole images at evaluation."""
+    argv = [
+        *_finetune_common(s, dataset, encoder, output_dir, seed),
+        "--image-column", "image", "--depth-column", "depth_map", "--depth-head", "linear",
+        "--eigen-crop", "false",
+    ]  # fmt: skip
+    return [str(arg) for arg in argv]
+
+
+# --- stages -------------------------------------------------------------------------------------------
+
+
+def ensure_dataset(s: DemoSettings, folder: Path, progress: bool = True) -> Path:
+    """Render the synthetic scenes into `folder` unless it already holds them with these settings."""
+    settings = dict(num_train=s.num_train, num_val=s.num_val, image_size=s.image_size, seed=s.dataset_seed)
+    if not dataset_is_complete(folder, **settings):
+        write_dataset(folder, progress=progress, num_workers=min(2, os.cpu_count() or 1), **settings)
+    return folder
+
+
+def loss_curve(run_dir: Path) -> tuple[float, float]:
+    """(first, last) logged training loss of a run's metrics.jsonl."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    losses = [r["loss"] for r in map(json.loads, lines) if r.get("loss") is not None]
+    if not losses:
+        raise ValueError(f"{run_dir / 'metrics.jsonl'} holds no training loss")
+    return float(losses[0]), float(losses[-1])
+
+
+def render_example(run_dir: Path, dataset: Path) -> Path:
+    """example.png beside a fine-tuned run: its prediction on the first validation image (the card shows it)."""
+    from .visualize import render_example_prediction
+
+    first = next(iter(load_synthetic_dataset(dataset, "validation", streaming=True)))
+    return render_example_prediction(run_dir / "final", first["image"], run_dir / "example.png")
+
+
+def export_release(model_dir: Path, output: Path) -> Path:
+    """A Hub-ready folder (weights, config, remote code, model card, eval results) built from `model_dir`."""
+    from ..hub_cards.export import ReleaseOptions, build_release
+
+    build_release(model_dir, output, ReleaseOptions(overwrite=True))
+    return output
+
+
+def _fresh(folder: Path) -> Path:
+    """Empty a stage folder of a previous demo (the scripts refuse to start over on their own checkpoints)."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    return folder
+
+
+def run_demo(s: DemoSettings, output_dir: str | os.PathLike, echo: Callable[[str], None] = print) -> dict:
+    """Every stage of the demo into `output_dir`; returns (and writes to demo_results.json) the numbers and paths."""
+    from .depth import FinetuneDepthConfig
+    from .depth import main as depth_main
+    from .pretraining import PretrainConfig
+    from .pretraining import main as pretrain_main
+    from .segmentation import FinetuneSegmentationConfig
+    from .segmentation import main as segmentation_main
+
+    root = Path(output_dir)
+    started = time.perf_counter()
+    paths = {name: root / name for name in ("data", *STAGE_DIRS)}
+    for name in STAGE_DIRS:
+        _fresh(paths[name])
+    timings: dict[str, float] = {}
+
+    def stage(number: int, key: str, title: str, fn: Callable[[], Any]) -> Any:
+        echo(f"\n[{number}/6] {title}")
+        begin = time.perf_counter()
+        result = fn()
+        timings[key] = round(time.perf_counter() - begin, 1)
+        return result
+
+    stage(1, "dataset", f"dataset: {s.num_train} + {s.num_val} synthetic scenes", lambda: ensure_dataset(s, paths["data"]))
+    model = model_argument(s.model, paths["pretrain"])
+    pretrain_results = stage(
+        2,
+        "pretrain",
+        f"pre-training {s.pretrain_steps} steps, {s.loss} loss",
+        lambda: run_stage(pretrain_main, PretrainConfig, pretrain_argv(s, paths["data"], paths["pretrain"], model)),
+    )
+    encoder = str(paths["pretrain"] / "final")
+    seg_results = stage(
+        3,
+        "segmentation",
+        f"segmentation: linear head, {s.finetune_steps} steps",
+        lambda: run_stage(
+            segmentation_main,
+            FinetuneSegmentationConfig,
+            segmentation_argv(s, paths["data"], encoder, paths["segmentation"]),
+        ),
+    )
+    depth_results = stage(
+        4,
+        "depth",
+        f"depth: linear head, {s.finetune_steps} steps",
+        lambda: run_stage(depth_main, FinetuneDepthConfig, depth_argv(s, paths["data"], encoder, paths["depth"])),
+    )
+
+    def publish() -> dict[str, Path]:
+        releases = {}
+        for task in ("segmentation", "depth"):
+            render_example(paths[task], paths["data"])
+            releases[task] = export_release(paths[task] / "final", paths["release"] / task)
+        return releases
+
+    releases = stage(5, "release", "examples and Hub-ready folders", publish)
+    echo("\n[6/6] results")
+    results = summarize(s, paths, releases, pretrain_results, seg_results, depth_results)
+    results["timings_s"] = {**timings, "total": round(time.perf_counter() - started, 1)}
+    write_json(root / "demo_results.json", results)
+    echo(format_results(results))
+    return results
+
+
+# --- the report ---------------------------------------------------------------------------------------
+
+
+def summarize(
+    s: DemoSettings,
+    paths: Mapping[str, Path],
+    releases: Mapping[str, Path],
+    pretrain_results: Mapping[str, Any],
+    seg_results: Mapping[str, Any],
+    depth_results: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The demo's numbers (from the runs' results and eval_results.json files) and where everything lies."""
+    loss_start, loss_end = loss_curve(paths["pretrain"])
+    seg = read_json(paths["segmentation"] / "eval_results.json")["metrics"]
+    depth = read_json(paths["depth"] / "eval_results.json")["metrics"]
+    metrics = {
+        "pretrain_loss_start": loss_start,
+        "pretrain_loss_end": loss_end,
+        "mean_iou": seg["mean_iou"],
+        "pixel_accuracy": seg["overall_accuracy"],
+        "abs_rel": depth["abs_rel"],
+        "rmse": depth["rmse"],
+        "delta1": depth["delta1"],
+    }
+    written = {
+        "dataset": paths["data"],
+        "encoder": paths["pretrain"] / "final",
+        "segmentation model": paths["segmentation"] / "final",
+        "depth model": paths["depth"] / "final",
+        "segmentation release": releases["segmentation"],
+        "depth release": releases["depth"],
+    }
+    return {
+        "settings": dataclasses.asdict(s),
+        "model": f"{s.describe_model()}/{s.patch_size()} at {s.image_size}x{s.image_size} px",
+        "steps": {
+            "pretrain": pretrain_results["steps"],
+            "segmentation": seg_results["steps"],
+            "depth": depth_results["steps"],
+        },
+        "metrics": metrics,
+        "paths": {name: str(path) for name, path in written.items()},
+    }
+
+
+def format_results(results: Mapping[str, Any]) -> str:
+    """The printed table: pre-training loss, segmentation and depth metrics, then the output paths."""
+    m, steps, s = results["metrics"], results["steps"], results["settings"]
+    rows = [
+        ("pre-training", f"{s['loss']} loss {m['pretrain_loss_start']:.3f} -> {m['pretrain_loss_end']:.3f}",
+         f"{steps['pretrain']} steps"),
+        ("segmentation", f"mIoU {100 * m['mean_iou']:.1f} %   pixel acc {100 * m['pixel_accuracy']:.1f} %",
+         f"{steps['segmentation']} steps, linear head"),
+        ("depth", f"AbsRel {m['abs_rel']:.3f}   RMSE {m['rmse']:.3f} m   δ1 {100 * m['delta1']:.1f} %",
+         f"{steps['depth']} steps, linear head"),
+    ]  # fmt: skip
+    width = max(len(r[1]) for r in rows)
+    lines = [f"{results['model']}, synthetic indoor scenes ({s['num_train']} train / {s['num_val']} validation)"]
+    lines += [f"  {name:<13} {value:<{width}}   ({note})" for name, value, note in rows]
+    total = results.get("timings_s", {}).get("total")
+    if total is not None:
+        lines.append(f"  wall time     {total:.0f} s")
+    lines.append("written:")
+    lines += [f"  {name:<21} {path}" for name, path in results["paths"].items()]
+    return "\n".join(lines)
+
+
+def check_finite(results: Mapping[str, Any]) -> None:
+    """Raise ValueError naming any metric of `results` that is not a finite number."""
+    bad = [k for k, v in results["metrics"].items() if not isinstance(v, (int, float)) or not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"non-finite demo metrics: {', '.join(bad)}")
