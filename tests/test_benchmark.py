@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from torch.utils.flop_counter import FlopCounterMode
 
 from densecl_vit import DenseCLViTForPreTraining, DenseCLViTModel
@@ -35,8 +36,13 @@ def positive_finite(value) -> bool:
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
+    # The run creates an Accelerator (fp32, CPU): start from, and leave, a fresh accelerate state.
+    AcceleratorState._reset_state(reset_partial_state=True)
     out = tmp_path_factory.mktemp("bench")
-    status = benchmark.main(["--quick", "--workers", "1", "--output-dir", str(out)])
+    try:
+        status = benchmark.main(["--quick", "--workers", "1", "--output-dir", str(out)])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     return status, out
 
 

@@ -187,4 +187,4 @@ def test_loss_drops_clearly_in_100_steps(files, tmp_path):
                     "--drop-path-rate", "0")  # fmt: skip
     assert cli_main(main, FinetuneDepthConfig, argv) == 0
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(losses) == 10 and losses[-1] < 0.5 * losses[0], losses
+    assert len(losses) == 10 and losses[-1] < 0.7 * losses[0], losses

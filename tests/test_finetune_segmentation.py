@@ -307,6 +307,7 @@ def test_script_trains_evaluates_and_writes_its_outputs(files, tmp_path, capsys)
     )
 
 
+@pytest.mark.slow  # ~25-45 s on 2 shared cores, nearly all of it the child's imports
 def test_script_runs_as_a_subprocess_and_refuses_bad_options(files, tmp_path):
     out = tmp_path / "run"
     argv = run_args(files, out, "--max-steps", "2", "--eval-split", "none")
@@ -330,6 +331,7 @@ def test_loss_drops_clearly_in_100_steps(files, tmp_path):
     assert len(losses) == 10 and losses[-1] < 0.5 * losses[0], losses
 
 
+@pytest.mark.slow  # ~30-50 s: a child process (imports) killed mid-run, then two in-process runs
 def test_kill_9_then_resume_gives_the_uninterrupted_weights_bit_for_bit(files, tmp_path):
     common = ["--max-steps", "12", "--checkpoint-every", "3", "--keep-last", "none", "--seed", "3"]
     assert (

@@ -26,7 +26,7 @@ from densecl_vit import DenseCLViTForPreTraining, DenseCLViTForSemanticSegmentat
 from densecl_vit.training.checkpoint import validate_checkpoint
 from densecl_vit.training.config import ConfigError, load_config, parse_config
 from densecl_vit.training.engine import TrainerState, TrainingArgs, cli_main, total_steps_for, train_loop
-from densecl_vit.training.pretraining import PretrainConfig, build_data, main
+from densecl_vit.training.pretraining import PretrainConfig, build_data, build_model, main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
@@ -160,7 +160,9 @@ def patch_loss(monkeypatch, effect) -> None:
         (["--model", "vit-huge"], "unknown --model 'vit-huge'"),
         (["--epochs", "2"], "set exactly one of --max-steps and --epochs"),
         (["--temperature", "0"], "--temperature must be > 0"),
+        (["--projection-dim", "0"], "--projection-dim must be >= 1"),
         (["--warmup-fraction", "1"], r"--warmup-fraction must be in \[0, 1\)"),
+        (["--image-size", "4", "--patch-size", "4"], "image_size must exceed the blur radius"),
     ],
 )
 def test_bad_settings_fail_with_one_line(options, message):
@@ -249,6 +251,18 @@ def test_sixty_steps_lower_the_loss_and_write_loadable_outputs(files, tmp_path):
         assert torch.equal(segmenter.densecl_vit.state_dict()[name], tensor), name
     processor = AutoImageProcessor.from_pretrained(out / "final")
     assert processor.size == {"height": 32, "width": 32} and processor.size_divisor == 8
+
+    # --model accepts the folder to continue pre-training from its weights.
+    again = parse_config(
+        PretrainConfig, ["--dataset", "x", "--max-steps", "1", "--model", str(out / "final_pretraining")]
+    )
+    again.image_size = 32
+    again.validate()
+    for name, tensor in build_model(again).state_dict().items():
+        assert torch.equal(full.state_dict()[name], tensor), name
+    again.projection_dim = 16
+    with pytest.raises(ValueError, match="--projection-dim 16 differs from the 64 of the weights"):
+        again.validate()
 
 
 def test_gpu_augment_path_runs_on_cpu(files, tmp_path):

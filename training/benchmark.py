@@ -1,6 +1,6 @@
 """Throughput benchmarks of DenseCL-ViT, each against a baseline timed in the same process and run.
 
-    python scripts/benchmark.py                       # CPU: ViT-Ti and ViT-S, fp32, batch 8
+    python scripts/benchmark.py                       # CPU: ViT-Ti and ViT-S, fp32, batch 4
     python scripts/benchmark.py --device cuda         # GPU: bf16 autocast, SDPA, fused AdamW, MFU
     python scripts/benchmark.py --quick               # a tiny model, for tests (< 1 minute on CPU)
 
@@ -30,6 +30,7 @@ import contextlib
 import datetime
 import gc
 import io
+import math
 import os
 import platform
 import resource
@@ -38,7 +39,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,10 +70,10 @@ SIZES: dict[str, dict[str, Any]] = {
     },
 }
 SECTIONS = ("encoder", "pretraining_step", "augmentation", "end_to_end")
-# Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from NVIDIA's data sheets; first match wins.
+# Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from NVIDIA's data sheets: the first entry whose words
+# all appear in the device name wins. Other cards: pass --peak-tflops.
 PEAK_BF16_TFLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
     (("H100", "PCIE"), 756.0),
-    (("H100", "NVL"), 835.0),
     (("H100",), 989.0),  # SXM
     (("H200",), 989.0),
     (("A100",), 312.0),
@@ -152,13 +153,8 @@ def pretraining_step_flops(config: DenseCLViTConfig, batch_size: int, image_size
 
 def peak_tflops(device_name: str) -> float | None:
     """Dense bf16 peak TFLOP/s of a GPU from its `torch.cuda.get_device_name()`, None if not in the table."""
-    words = device_name.upper().replace("-", " ").split()
-    for keys, tflops in PEAK_BF16_TFLOPS:
-        if all(any(word.startswith(key) for word in words) for key in keys):
-            if keys == ("L4",) and "L4" not in words:  # L40, L40S are other cards
-                continue
-            return tflops
-    return None
+    words = set(device_name.upper().replace("-", " ").split())
+    return next((tflops for keys, tflops in PEAK_BF16_TFLOPS if words.issuperset(keys)), None)
 
 
 # --- timing and memory ---------------------------------------------------------------------------------
@@ -416,6 +412,7 @@ def encoder_benchmark(size: str, opts: BenchOptions) -> list[dict[str, Any]]:
             "max_abs_difference": difference,
             "extra_ops_ours": extra_ours,
             "extra_ops_timm": extra_timm,
+            "seconds": _timing_summary({"ours": mine, "timm": theirs}),
         })  # fmt: skip
     return rows
 
@@ -447,22 +444,37 @@ def _two_views(opts: BenchOptions) -> dict[str, torch.Tensor]:
     return {key: torch.randn(shape, device=opts.device) for key in ("pixel_values", "pixel_values_2")}
 
 
-def pretraining_step_benchmark(size: str, opts: BenchOptions, accelerator: Any) -> dict[str, Any]:
-    """A full pre-training step vs the encoder's two-view forward+backward, with the overhead split up.
+def _timing_summary(timings: dict[str, Timing]) -> dict[str, dict[str, float]]:
+    return {name: {"median_s": t.median, "cpu_median_s": t.cpu_median} for name, t in timings.items()}
 
-    Candidates (same batch, same model): encoder on the 2B views; encoder + projection head; the model's
-    forward with its loss; `engine.train_step` (backward, gradient norm, non-finite guard, AdamW, schedule).
+
+def pretraining_step_benchmark(size: str, opts: BenchOptions, accelerator: Any) -> dict[str, Any]:
+    """A full pre-training step vs the encoder's two-view forward+backward, and the parts of the difference.
+
+    Candidates, same model and batch: `engine.train_step` as `scripts/pretrain.py` runs it; the encoder's
+    forward+backward on the 2B views; and each addition of the method timed alone: the projection head on
+    all 2B (N + 1) tokens (forward+backward), normalisation + local-to-global loss (forward+backward), and
+    gradient norm + AdamW step (as `build_optimizer` makes it, and with fused kernels for comparison).
     """
     from .engine import train_step
     from .guards import NonFiniteGuard
+    from .optim import build_adamw, param_groups_weight_decay, scaled_lr
 
     config = build_config(size, opts.image_size)
-    _, model, optimizer, scheduler = _training_setup(config, opts, accelerator)
+    cfg, model, optimizer, scheduler = _training_setup(config, opts, accelerator)
     inner = accelerator.unwrap_model(model)
-    encoder, head = inner.densecl_vit, inner.projection
-    batch = _two_views(opts)
+    encoder, head, params = inner.densecl_vit, inner.projection, list(inner.parameters())
+    batch, guard = _two_views(opts), NonFiniteGuard()
     views = torch.cat([batch["pixel_values"], batch["pixel_values_2"]])
-    guard = NonFiniteGuard()
+    tokens = (config.image_size // config.patch_size) ** 2 + 1
+    hidden = torch.randn(2 * opts.batch, tokens, config.hidden_size, device=opts.device, requires_grad=True)
+    projected = torch.randn(
+        2 * opts.batch, tokens, config.projection_dim, device=opts.device, requires_grad=True
+    )
+    grads = [torch.randn_like(p) * 1e-3 for p in params]
+    # The same groups and lr with fused kernels (a separate state), to show what fusing buys on this device.
+    groups = param_groups_weight_decay(inner, cfg.weight_decay)
+    fused = build_adamw(groups, scaled_lr(cfg.lr, opts.batch), fused=True)
 
     def backward_of(forward: Callable[[], torch.Tensor]) -> Callable[[], None]:
         def run() -> None:
@@ -470,38 +482,57 @@ def pretraining_step_benchmark(size: str, opts: BenchOptions, accelerator: Any) 
                 value = forward()
             value.float().mean().backward()
             optimizer.zero_grad(set_to_none=True)
+            hidden.grad = projected.grad = None
+
+        return run
+
+    def loss() -> torch.Tensor:
+        embeddings = torch.nn.functional.normalize(projected, dim=-1)  # as DenseCLViTForPreTraining.embed
+        global_1, global_2 = embeddings[:, 0].chunk(2)
+        local_1, local_2 = embeddings[:, 1:].chunk(2)
+        return inner.contrastive_loss(global_1, local_1, global_2, local_2)
+
+    def update(step_optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+        def run() -> None:
+            for param, grad in zip(params, grads):
+                param.grad = grad
+            accelerator.clip_grad_norm_(params, math.inf)
+            step_optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
         return run
 
     candidates = {
-        "encoder_two_view": backward_of(lambda: encoder(views).last_hidden_state),
-        "encoder_head": backward_of(lambda: head(encoder(views).last_hidden_state)),
-        "model_loss": backward_of(lambda: model(**batch).loss),
         "train_step": lambda: train_step(accelerator, model, optimizer, scheduler, batch, guard),
+        "encoder_two_view": backward_of(lambda: encoder(views).last_hidden_state),
+        "head": backward_of(lambda: head(hidden)),
+        "loss": backward_of(loss),
+        "optimizer": update(optimizer),
     }
+    if not optimizer.defaults.get("fused"):
+        candidates["optimizer_fused"] = update(fused)
     t = time_interleaved(candidates, opts.repeats, opts.warmup, opts.device)
-    base = t["encoder_two_view"].median
+    base, step = t["encoder_two_view"].median, t["train_step"].median
     step_flops = pretraining_step_flops(config, opts.batch)
-    encoder_train_flops = 2 * opts.batch * encoder_flops(config, backward=True)
     return {
         "size": size,
         "batch": opts.batch,
         "encoder_two_view_images_per_s": _rate(opts.batch, base),
-        "train_step_images_per_s": _rate(opts.batch, t["train_step"].median),
-        "overhead_pct": 100 * (t["train_step"].median / base - 1),
+        "train_step_images_per_s": _rate(opts.batch, step),
+        "overhead_pct": 100 * (step / base - 1),
         "cpu_overhead_pct": 100 * (t["train_step"].cpu_median / t["encoder_two_view"].cpu_median - 1),
-        "head_pct": 100 * (t["encoder_head"].median - base) / base,
-        "loss_pct": 100 * (t["model_loss"].median - t["encoder_head"].median) / base,
-        "optimizer_pct": 100 * (t["train_step"].median - t["model_loss"].median) / base,
-        "flop_overhead_pct": 100 * (step_flops / encoder_train_flops - 1),
+        **{f"{part}_pct": 100 * t[part].median / base for part in ("head", "loss", "optimizer")},
+        "fused_optimizer_pct": 100 * t["optimizer_fused"].median / base if "optimizer_fused" in t else None,
+        "flop_overhead_pct": 100 * (step_flops / (2 * opts.batch * encoder_flops(config, backward=True)) - 1),
         "encoder_parameters": sum(p.numel() for p in encoder.parameters()),
         "head_parameters": sum(p.numel() for p in head.parameters()),
         "encoder_two_view_peak_mb": t["encoder_two_view"].peak_mb,
         "train_step_peak_mb": t["train_step"].peak_mb,
         "flops_per_step": step_flops,
-        "train_step_tflops": step_flops / t["train_step"].median / 1e12,
-        "train_step_mfu": _utilisation(step_flops / t["train_step"].median, opts),
+        "train_step_tflops": step_flops / step / 1e12,
+        "train_step_mfu": _utilisation(step_flops / step, opts),
         "fused_adamw": bool(optimizer.defaults.get("fused")),
+        "seconds": _timing_summary(t),
     }
 
 
@@ -697,11 +728,15 @@ def _fmt(value: float | None, digits: int = 1, suffix: str = "") -> str:
     return "n/a" if value is None else f"{value:,.{digits}f}{suffix}"
 
 
+def _sig(value: float) -> str:
+    return f"{value:.3g}"
+
+
 def _pct(fraction: float | None) -> str:
     return _fmt(None if fraction is None else 100 * fraction, 1, "%")
 
 
-def _table(title: str, header: Sequence[str], rows: list[Sequence[str]]) -> list[str]:
+def _table(title: str, header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
     lines = [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(row) + " |" for row in rows] + [""]
 
@@ -714,7 +749,7 @@ def _encoder_table(rows: list[dict[str, Any]]) -> list[str]:
         + [_fmt(r["timm_images_per_s"]), _fmt(r["time_ratio"], 3, "x"), _fmt(r["cpu_time_ratio"], 3, "x")]
         + [
             f"{r['ours_peak_mb']:,.0f} / {r['timm_peak_mb']:,.0f}",
-            _fmt(r["ours_tflops"], 3),
+            _sig(r["ours_tflops"]),
             _pct(r["ours_mfu"]),
         ]
         for r in rows
@@ -730,25 +765,36 @@ def _encoder_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
+def _step_row(r: dict[str, Any]) -> list[str]:
+    optimizer = _fmt(r["optimizer_pct"], 1, "%")
+    if r["fused_optimizer_pct"] is not None:
+        optimizer += f" (fused: {_fmt(r['fused_optimizer_pct'], 1, '%')})"
+    return [
+        r["size"],
+        str(r["batch"]),
+        _fmt(r["train_step_images_per_s"]),
+        _fmt(r["encoder_two_view_images_per_s"]),
+        _fmt(r["overhead_pct"], 1, "%"),
+        _fmt(r["head_pct"], 1, "%"),
+        _fmt(r["loss_pct"], 1, "%"),
+        optimizer,
+        _fmt(r["flop_overhead_pct"], 1, "%"),
+        f"{r['train_step_peak_mb']:,.0f} / {r['encoder_two_view_peak_mb']:,.0f}",
+        _pct(r["train_step_mfu"]),
+    ]
+
+
 def _step_table(rows: list[dict[str, Any]]) -> list[str]:
     header = ["size", "batch (x2 views)", "step img/s", "encoder img/s", "overhead", "head", "loss"]
     header += ["grad norm + AdamW", "FLOP overhead", "peak MB step / encoder", "MFU"]
-    body = [
-        [
-            r["size"],
-            str(r["batch"]),
-            _fmt(r["train_step_images_per_s"]),
-            _fmt(r["encoder_two_view_images_per_s"]),
-        ]
-        + [_fmt(r[key], 1, "%") for key in ("overhead_pct", "head_pct", "loss_pct", "optimizer_pct")]
-        + [_fmt(r["flop_overhead_pct"], 1, "%")]
-        + [
-            f"{r['train_step_peak_mb']:,.0f} / {r['encoder_two_view_peak_mb']:,.0f}",
-            _pct(r["train_step_mfu"]),
-        ]
-        for r in rows
+    lines = _table(
+        "Pre-training step vs the encoder's two-view forward+backward", header, map(_step_row, rows)
+    )
+    return lines + [
+        "Overhead: step time / encoder time - 1. Head, loss, grad norm + AdamW: each part timed alone, in % of "
+        "the encoder's time. FLOP overhead: the floor the head's and the loss's FLOPs set.",
+        "",
     ]
-    return _table("Pre-training step vs the encoder's two-view forward+backward", header, body)
 
 
 def _augmentation_table(a: dict[str, Any]) -> list[str]:
@@ -834,7 +880,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", choices=("cpu", "cuda"), default="cpu")
     add("--quick", action="store_true", help="tiny model, batches and repeats (for tests; < 1 minute on CPU)")
     add("--sizes", help=f"comma-separated, from {', '.join(SIZES)} (default vit-tiny,vit-small; quick: test)")
-    add("--batch", type=int, help="images per step (default: 8 on CPU, 128 on GPU, 2 quick)")
+    add("--batch", type=int, help="images per step (default: 4 on CPU, 128 on GPU, 2 quick)")
     add("--image-size", type=int, help="view side in pixels (default 224, quick 32)")
     add("--threads", type=int, help="torch threads (default: torch's choice)")
     add("--dtype", choices=("fp32", "bf16"), help="bf16 = autocast (default: fp32 on CPU, bf16 on GPU)")
@@ -883,7 +929,7 @@ def resolve_options(args: argparse.Namespace) -> BenchOptions:
     return BenchOptions(
         device=device,
         sizes=sizes,
-        batch=args.batch or (2 if quick else 128 if cuda else 8),
+        batch=args.batch or (2 if quick else 128 if cuda else 4),
         image_size=image_size,
         dtype=args.dtype or ("bf16" if cuda else "fp32"),
         threads=args.threads or torch.get_num_threads(),

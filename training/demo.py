@@ -68,7 +68,9 @@ class DemoSettings:
 
     def describe_model(self) -> str:
         if isinstance(self.model, Mapping):
-            return f"ViT (hidden {self.model.get('hidden_size')}, {self.model.get('num_hidden_layers')} blocks)"
+            return (
+                f"ViT (hidden {self.model.get('hidden_size')}, {self.model.get('num_hidden_layers')} blocks)"
+            )
         return {"vit-tiny": "ViT-Ti", "vit-small": "ViT-S", "vit-base": "ViT-B"}.get(self.model, self.model)
 
 
@@ -114,7 +116,12 @@ def model_argument(model: str | Mapping[str, Any], folder: Path) -> str:
 
 
 def pretrain_argv(
-    s: DemoSettings, dataset: Path, output_dir: Path, model: str, loss: str | None = None, seed: int | None = None
+    s: DemoSettings,
+    dataset: Path,
+    output_dir: Path,
+    model: str,
+    loss: str | None = None,
+    seed: int | None = None,
 ) -> list[str]:
     """The scripts/pretrain.py command line of a pre-training run with settings `s`."""
     argv = [
@@ -130,7 +137,9 @@ def pretrain_argv(
     return [str(arg) for arg in argv]
 
 
-def _finetune_common(s: DemoSettings, dataset: Path, encoder: str, output_dir: Path, seed: int | None) -> list:
+def _finetune_common(
+    s: DemoSettings, dataset: Path, encoder: str, output_dir: Path, seed: int | None
+) -> list:
     crop = f"{s.image_size},{s.image_size}"
     return [
         "--dataset", dataset, "--model", encoder, "--crop-size", crop,
@@ -156,7 +165,9 @@ def segmentation_argv(
     return [str(arg) for arg in argv]
 
 
-def depth_argv(s: DemoSettings, dataset: Path, encoder: str, output_dir: Path, seed: int | None = None) -> list[str]:
+def depth_argv(
+    s: DemoSettings, dataset: Path, encoder: str, output_dir: Path, seed: int | None = None
+) -> list[str]:
     """The scripts/finetune_depth.py command line: linear up-projection head, whole images at evaluation."""
     argv = [
         *_finetune_common(s, dataset, encoder, output_dir, seed),
@@ -173,7 +184,8 @@ def ensure_dataset(s: DemoSettings, folder: Path, progress: bool = True) -> Path
     """Render the synthetic scenes into `folder` unless it already holds them with these settings."""
     settings = dict(num_train=s.num_train, num_val=s.num_val, image_size=s.image_size, seed=s.dataset_seed)
     if not dataset_is_complete(folder, **settings):
-        write_dataset(folder, progress=progress, num_workers=min(2, os.cpu_count() or 1), **settings)
+        workers = 0 if s.num_train + s.num_val < 100 else None  # a process pool pays off past a few dozen
+        write_dataset(folder, progress=progress, num_workers=workers, **settings)
     return folder
 
 
@@ -232,13 +244,20 @@ def run_demo(s: DemoSettings, output_dir: str | os.PathLike, echo: Callable[[str
         timings[key] = round(time.perf_counter() - begin, 1)
         return result
 
-    stage(1, "dataset", f"dataset: {s.num_train} + {s.num_val} synthetic scenes", lambda: ensure_dataset(s, paths["data"]))
+    stage(
+        1,
+        "dataset",
+        f"dataset: {s.num_train} + {s.num_val} synthetic scenes",
+        lambda: ensure_dataset(s, paths["data"]),
+    )
     model = model_argument(s.model, paths["pretrain"])
     pretrain_results = stage(
         2,
         "pretrain",
         f"pre-training {s.pretrain_steps} steps, {s.loss} loss",
-        lambda: run_stage(pretrain_main, PretrainConfig, pretrain_argv(s, paths["data"], paths["pretrain"], model)),
+        lambda: run_stage(
+            pretrain_main, PretrainConfig, pretrain_argv(s, paths["data"], paths["pretrain"], model)
+        ),
     )
     encoder = str(paths["pretrain"] / "final")
     seg_results = stage(
@@ -255,7 +274,9 @@ def run_demo(s: DemoSettings, output_dir: str | os.PathLike, echo: Callable[[str
         4,
         "depth",
         f"depth: linear head, {s.finetune_steps} steps",
-        lambda: run_stage(depth_main, FinetuneDepthConfig, depth_argv(s, paths["data"], encoder, paths["depth"])),
+        lambda: run_stage(
+            depth_main, FinetuneDepthConfig, depth_argv(s, paths["data"], encoder, paths["depth"])
+        ),
     )
 
     def publish() -> dict[str, Path]:
@@ -331,7 +352,9 @@ def format_results(results: Mapping[str, Any]) -> str:
          f"{steps['depth']} steps, linear head"),
     ]  # fmt: skip
     width = max(len(r[1]) for r in rows)
-    lines = [f"{results['model']}, synthetic indoor scenes ({s['num_train']} train / {s['num_val']} validation)"]
+    lines = [
+        f"{results['model']}, synthetic indoor scenes ({s['num_train']} train / {s['num_val']} validation)"
+    ]
     lines += [f"  {name:<13} {value:<{width}}   ({note})" for name, value, note in rows]
     total = results.get("timings_s", {}).get("total")
     if total is not None:
@@ -343,6 +366,8 @@ def format_results(results: Mapping[str, Any]) -> str:
 
 def check_finite(results: Mapping[str, Any]) -> None:
     """Raise ValueError naming any metric of `results` that is not a finite number."""
-    bad = [k for k, v in results["metrics"].items() if not isinstance(v, (int, float)) or not math.isfinite(v)]
+    bad = [
+        k for k, v in results["metrics"].items() if not isinstance(v, (int, float)) or not math.isfinite(v)
+    ]
     if bad:
         raise ValueError(f"non-finite demo metrics: {', '.join(bad)}")

@@ -308,7 +308,14 @@ def train_sample_fn(cfg: FinetuneDepthConfig, columns: tuple[str, str]) -> Any:
         depth_scale=cfg.depth_scale,
         min_depth=cfg.min_depth,
         max_depth=cfg.max_depth,
-        augment=DepthAugment(DepthAugmentConfig(crop_size=cfg.crop_size, color_jitter=cfg.color_jitter)),
+        augment=DepthAugment(
+            DepthAugmentConfig(
+                crop_size=cfg.crop_size,
+                color_jitter=cfg.color_jitter,
+                min_depth=cfg.min_depth,
+                max_depth=cfg.max_depth,
+            )
+        ),
     )
 
 

@@ -56,22 +56,10 @@ T = TypeVar("T")
 
 # Options whose change alters the result of a resumed run; a script adds its model/loss fields.
 CRITICAL_KEYS = (
-    "dataset",
-    "dataset_config",
-    "split",
-    "image_column",
-    "data_files",
-    "per_device_batch_size",
-    "num_processes",
-    "mixed_precision",
-    "lr",
-    "weight_decay",
-    "warmup_fraction",
-    "grad_clip",
-    "seed",
-    "shuffle_buffer",
+    *("dataset", "dataset_config", "split", "image_column", "data_files", "shuffle_buffer", "seed"),
+    *("per_device_batch_size", "num_processes", "mixed_precision"),
+    *("lr", "weight_decay", "warmup_fraction", "grad_clip"),
 )
-REPORT_TO = ("none", "tensorboard", "wandb", "mlflow", "all")
 
 
 def _opt(default: Any, help_text: str) -> Any:
@@ -126,30 +114,16 @@ class TrainingArgs:
         """Refuse impossible values of the shared options with a one-line message (before any loading)."""
         if (self.max_steps is None) == (self.epochs is None):
             raise ValueError("set exactly one of --max-steps and --epochs")
-        positive = {
-            "--max-steps": self.max_steps,
-            "--epochs": self.epochs,
-            "--num-train-samples": self.num_train_samples,
-            "--per-device-batch-size": self.per_device_batch_size,
-            "--lr": self.lr,
-            "--grad-clip": self.grad_clip,
-            "--checkpoint-every": self.checkpoint_every,
-            "--keep-last": self.keep_last,
-            "--log-every": self.log_every,
-            "--max-nonfinite-steps": self.max_nonfinite_steps,
-        }
-        for flag, value in positive.items():
+        positive = ("max_steps", "epochs", "num_train_samples", "per_device_batch_size", "lr", "grad_clip")
+        positive += ("checkpoint_every", "keep_last", "log_every", "max_nonfinite_steps")
+        for name in positive:
+            value = getattr(self, name)
             if value is not None and not value > 0:
-                raise ValueError(f"{flag} must be > 0, got {value}")
-        non_negative = {
-            "--weight-decay": self.weight_decay,
-            "--seed": self.seed,
-            "--shuffle-buffer": self.shuffle_buffer,
-            "--num-workers": self.num_workers,
-        }
-        for flag, value in non_negative.items():
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        for name in ("weight_decay", "seed", "shuffle_buffer", "num_workers"):
+            value = getattr(self, name)
             if value is not None and value < 0:
-                raise ValueError(f"{flag} must be >= 0, got {value}")
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError(f"--warmup-fraction must be in [0, 1), got {self.warmup_fraction}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
@@ -166,12 +140,14 @@ class TrainingArgs:
 @dataclasses.dataclass
 class TrainerState:
     """Progress of a run, saved in every checkpoint: optimiser steps taken (skipped updates included),
-    images consumed by all processes, non-finite steps skipped, seconds spent in the training loop."""
+    images consumed by all processes, non-finite steps skipped, seconds spent in the training loop, and
+    the mean loss of the last log window."""
 
     step: int = 0
     images_seen: int = 0
     nonfinite_skips: int = 0
     elapsed_s: float = 0.0
+    last_loss: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -365,28 +341,63 @@ def _save(
     logger.info("saved checkpoint %s", path)
 
 
-class _LossWindow:
-    """Sum of the losses of non-skipped steps since the last log, kept on the device."""
+class _Reporter:
+    """metrics.jsonl, accelerate trackers and the progress bar. The loss stays on the device between logs."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.reset()
+    def __init__(self, accelerator: Accelerator, args: TrainingArgs, total_steps: int, start: int, desc: str):
+        self.accelerator = accelerator
+        self.metrics = MetricsLogger(args.output_dir, accelerator)
+        self.bar = progress_bar(total_steps, accelerator, desc=desc, initial=start)
+        self.meter = ThroughputMeter(window=max(2, args.log_every))
+        self.loss_sum = torch.zeros((), dtype=torch.float32, device=accelerator.device)
+        self.loss_count = 0
 
-    def reset(self) -> None:
-        self.total = torch.zeros((), dtype=torch.float32, device=self.device)
-        self.count = 0
+    def close(self) -> None:
+        self.bar.close()
+        self.metrics.close()
 
-    def add(self, loss: torch.Tensor, skipped: bool) -> None:
+    def update(self, loss: torch.Tensor, skipped: bool, images: int) -> None:
         if not skipped:
-            self.total += loss.float()
-            self.count += 1
+            self.loss_sum += loss.float()
+            self.loss_count += 1
+        self.meter.update(images)
+        self.bar.update(1)
 
-    def mean(self, accelerator: Accelerator) -> float | None:
-        """Mean over steps and processes: one all-reduce and one host read."""
-        packed = torch.stack([self.total, torch.tensor(float(self.count), device=self.device)])
-        total, count = accelerator.reduce(packed, reduction="sum").tolist()
-        self.reset()
-        return total / count if count else None
+    def log(self, state: TrainerState, lr: float, loader: Any) -> None:
+        """One all-reduce and one host read of the loss since the last log (mean over steps and processes)."""
+        count = torch.tensor(float(self.loss_count), device=self.loss_sum.device)
+        total, count = self.accelerator.reduce(torch.stack([self.loss_sum, count]), reduction="sum").tolist()
+        self.loss_sum.zero_()
+        self.loss_count = 0
+        mean = total / count if count else None
+        state.last_loss = mean if mean is not None else state.last_loss
+        skips = _skips(loader)
+        record = {
+            "loss": mean,
+            "lr": lr,
+            "images_per_s": round(self.meter.rate, 2),
+            "images_seen": state.images_seen,
+            "examples_seen": skips.seen,
+            "skipped_samples": skips.skipped,
+            "skipped_by_reason": dict(skips.counts),
+            "nonfinite_skips": state.nonfinite_skips,
+        }
+        self.metrics.log(state.step, **record)
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+        self.accelerator.log(scalars, step=state.step)
+        shown = "nan" if mean is None else f"{mean:.4f}"
+        self.bar.set_postfix(loss=shown, lr=f"{lr:.3g}", img_s=f"{self.meter.rate:.1f}")
+
+    def log_eval(self, step: int, values: Mapping[str, float]) -> dict[str, float]:
+        values = {(k if k.startswith("eval_") else f"eval_{k}"): v for k, v in values.items()}
+        self.metrics.log(step, **values)
+        self.accelerator.log(values, step=step)
+        self.meter.reset()  # the evaluation pause is no training time
+        return values
+
+
+def _to_device(device: torch.device) -> Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]]:
+    return lambda batch, step: {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def train_loop(
@@ -406,25 +417,22 @@ def train_loop(
 ) -> RunOutcome:
     """Train from `state.step` to `total_steps`: log, evaluate, checkpoint, and stop cleanly on SIGTERM/SIGINT.
 
-    `prepare_batch(batch, step)` moves a loader batch to the device (default: every tensor, non-blocking)
-    and may augment it there. `evaluate(state)` runs on every process every `eval_every` steps and at the
-    end; its metrics are logged with an ``eval_`` prefix. Raises `TrainingDiverged` / `DataError`.
+    `loader` yields dicts of tensors (`model(**batch).loss` must work) and has `state_dict` /
+    `load_state_dict` (a `StreamLoader`). `prepare_batch(batch, step)` moves a batch to the device
+    (default: every tensor, non-blocking) and may augment it there. `evaluate(state)` runs on every process
+    every `eval_every` steps and at the end; its metrics are logged with an ``eval_`` prefix. Checkpoints
+    are written every `args.checkpoint_every` steps, at the end and on a stop signal, never during a run
+    of non-finite steps. Raises `TrainingDiverged` and `DataError`.
     """
-    prepare_batch = prepare_batch or (
-        lambda batch, step: {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
-    )
+    prepare_batch = prepare_batch or _to_device(accelerator.device)
     guard = NonFiniteGuard(args.max_nonfinite_steps)
     guard.num_skipped = state.nonfinite_skips
-    meter, window = ThroughputMeter(window=max(2, args.log_every)), _LossWindow(accelerator.device)
     global_batch = args.per_device_batch_size * accelerator.num_processes
-    status, final_loss, eval_metrics, due = "completed", None, {}, False
+    status, eval_metrics, due = "completed", {}, False
     started, elapsed_before = time.perf_counter(), state.elapsed_s
+    reporter = _Reporter(accelerator, args, total_steps, state.step, desc)
     model.train()
-    with (
-        PreemptionHandler(accelerator, sync_every=args.log_every) as preempt,
-        MetricsLogger(args.output_dir, accelerator) as metrics,
-        progress_bar(total_steps, accelerator, desc=desc, initial=state.step) as bar,
-    ):
+    with PreemptionHandler(accelerator, sync_every=args.log_every) as preempt, contextlib.closing(reporter):
         batches = _batches(loader)
         while state.step < total_steps:
             batch = prepare_batch(next(batches), state.step)
@@ -436,39 +444,13 @@ def train_loop(
             state.images_seen += global_batch
             state.nonfinite_skips = guard.num_skipped
             state.elapsed_s = elapsed_before + time.perf_counter() - started
-            window.add(loss, skipped)
-            meter.update(global_batch)
-            bar.update(1)
+            reporter.update(loss, skipped, global_batch)
             last = state.step == total_steps
             if state.step % args.log_every == 0 or last:
-                mean = window.mean(accelerator)
-                final_loss = mean if mean is not None else final_loss
-                skips = _skips(loader)
-                record = {
-                    "loss": mean,
-                    "lr": lr,
-                    "images_per_s": round(meter.rate, 2),
-                    "images_seen": state.images_seen,
-                    "examples_seen": skips.seen,
-                    "skipped_samples": skips.skipped,
-                    "skipped_by_reason": dict(skips.counts),
-                    "nonfinite_skips": guard.num_skipped,
-                }
-                metrics.log(state.step, **record)
-                accelerator.log(
-                    {k: v for k, v in record.items() if isinstance(v, (int, float))}, step=state.step
-                )
-                bar.set_postfix(
-                    loss="nan" if mean is None else f"{mean:.4f}", lr=f"{lr:.3g}", img_s=f"{meter.rate:.1f}"
-                )
+                reporter.log(state, lr, loader)
             if evaluate is not None and eval_every and (state.step % eval_every == 0 or last):
-                eval_metrics = {
-                    (k if k.startswith("eval_") else f"eval_{k}"): v for k, v in evaluate(state).items()
-                }
+                eval_metrics = reporter.log_eval(state.step, evaluate(state))
                 model.train()
-                metrics.log(state.step, **eval_metrics)
-                accelerator.log(eval_metrics, step=state.step)
-                meter.reset()
             due = due or state.step % args.checkpoint_every == 0 or last
             at_checkpoint = due and guard.consecutive == 0  # never mid-streak: keep the last good checkpoints
             stop = preempt.should_stop_at(state.step, force_sync=at_checkpoint)
@@ -478,10 +460,10 @@ def train_loop(
             if stop and not last:
                 status = "preempted"
                 accelerator.print(
-                    f"stopped by signal at step {state.step}; checkpoint saved, resume with --resume-from latest"
+                    f"stopped by a signal at step {state.step}; resume with --resume-from latest"
                 )
                 break
-    return RunOutcome(status, state, final_loss, _skips(loader), eval_metrics)
+    return RunOutcome(status, state, state.last_loss, _skips(loader), eval_metrics)
 
 
 def save_model(

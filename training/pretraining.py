@@ -89,8 +89,10 @@ class PretrainConfig(TrainingArgs):
     )
     gather_negatives: bool = _opt(False, "take negatives from every process (all-gather with gradients)")
     temperature: float = _opt(0.1, "temperature of the contrastive loss")
-    projection_dim: int = _opt(256, "output width of the projection head")
-    projection_hidden_size: int = _opt(2048, "hidden width of the 3-layer projection head")
+    projection_dim: int | None = _opt(None, "output width of the projection head; none: the model's (256)")
+    projection_hidden_size: int | None = _opt(
+        None, "hidden width of the 3-layer projection head; none: the model's (2048)"
+    )
     crop_scale: tuple[float, float] = _opt((0.08, 1.0), "random resized crop area range, as image fractions")
     gpu_augment: bool = _opt(
         False, "run colour jitter, grayscale, blur and normalisation batched on the device"
@@ -103,24 +105,27 @@ class PretrainConfig(TrainingArgs):
                 f"--per-device-batch-size must be >= 2, got {self.per_device_batch_size}: the contrastive loss "
                 "takes its negatives from the other images of the batch"
             )
-        patch_size = self.patch_size or model_source(self.model)[1].get("patch_size", 16)
+        kind, fields = model_source(self.model)
+        for name in ("patch_size", "projection_dim", "projection_hidden_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+            if value is not None and kind == "weights" and value != fields.get(name):
+                raise ValueError(
+                    f"--{name.replace('_', '-')} {value} differs from the {fields.get(name)} of the weights in "
+                    f"{self.model}; drop the option"
+                )
+        patch_size = self.patch_size or fields.get("patch_size", 16)
         if self.image_size % patch_size:
             raise ValueError(
                 f"--image-size {self.image_size} is not a multiple of the patch size {patch_size}; "
                 f"use e.g. {max(1, round(self.image_size / patch_size)) * patch_size}"
             )
-        if (
-            self.patch_size is not None
-            and self.patch_size != patch_size
-            and model_source(self.model)[0] == "weights"
-        ):
-            raise ValueError("--patch-size cannot change a model folder with weights; drop --patch-size")
         if self.temperature <= 0:
             raise ValueError(f"--temperature must be > 0, got {self.temperature}")
-        if min(self.projection_dim, self.projection_hidden_size) < 1:
-            raise ValueError("--projection-dim and --projection-hidden-size must be >= 1")
         if not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
             raise ValueError(f"--crop-scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+        augment_config(self)  # the augmentation's own checks (e.g. views larger than the blur kernel)
 
 
 def model_source(model: str) -> tuple[str, dict[str, Any]]:
@@ -144,12 +149,13 @@ def build_model(cfg: PretrainConfig) -> DenseCLViTForPreTraining:
     """The pre-training model: a preset or config.json initialised from `cfg.seed`, or a folder's weights."""
     kind, fields = model_source(cfg.model)
     overrides = {
-        "projection_dim": cfg.projection_dim,
-        "projection_hidden_size": cfg.projection_hidden_size,
         "loss_temperature": cfg.temperature,
         "pretraining_loss": cfg.loss,
         "gather_negatives": cfg.gather_negatives,
     }
+    for name in ("projection_dim", "projection_hidden_size"):
+        if getattr(cfg, name) is not None:
+            overrides[name] = getattr(cfg, name)
     if kind == "weights":
         model = DenseCLViTForPreTraining.from_pretrained(cfg.model, **overrides)
     else:

@@ -1,0 +1,118 @@
+"""The demo end to end at toy size (`scripts/demo.py --quick`): every artefact, finite metrics, the printed table;
+and the pieces it is made of (the loss curve reader, the metric check, in-process stage runs)."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from densecl_vit.training.demo import (
+    QUICK,
+    check_finite,
+    format_results,
+    loss_curve,
+    pretrain_argv,
+    run_stage,
+)
+from densecl_vit.training.pretraining import PretrainConfig
+from densecl_vit.training.pretraining import main as pretrain_main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    """One `scripts/demo.py --quick` run shared by the tests below: (output folder, exit status)."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    return out, load_script("demo").main(["--quick", "--output-dir", str(out)])
+
+
+def test_quick_demo_writes_every_artefact(quick_demo):
+    out, status = quick_demo
+    assert status == 0
+    assert (out / "data" / "meta.json").is_file()
+    assert sorted(p.name for p in (out / "data" / "data").glob("*.parquet")) == [
+        "train-00000-of-00001.parquet",
+        "validation-00000-of-00001.parquet",
+    ]
+    encoder = out / "pretrain" / "final"
+    assert (encoder / "config.json").is_file() and (encoder / "model.safetensors").is_file()
+    assert (out / "pretrain" / "results.json").is_file()
+    for task in ("segmentation", "depth"):
+        assert (out / task / "final" / "model.safetensors").is_file()
+        report = json.loads((out / task / "eval_results.json").read_text())
+        assert report["num_samples"] == QUICK.num_val
+        assert all(math.isfinite(v) for v in report["metrics"].values())
+        release = out / "release" / task
+        for name in ("README.md", "model.safetensors", "config.json", "eval_results.json", "example.png"):
+            assert (release / name).is_file(), f"{release / name} missing"
+        assert load_file(release / "model.safetensors")  # readable weights, not an empty file
+        assert "---" in (release / "README.md").read_text()[:10]  # card metadata block first
+
+
+def test_quick_demo_reports_finite_metrics_and_paths(quick_demo):
+    out, _ = quick_demo
+    results = json.loads((out / "demo_results.json").read_text())
+    metrics = results["metrics"]
+    assert set(metrics) == {
+        "pretrain_loss_start",
+        "pretrain_loss_end",
+        "mean_iou",
+        "pixel_accuracy",
+        "abs_rel",
+        "rmse",
+        "delta1",
+    }
+    assert all(math.isfinite(v) for v in metrics.values())
+    assert 0 <= metrics["mean_iou"] <= 1 and 0 <= metrics["delta1"] <= 1
+    assert results["steps"] == {"pretrain": 2, "segmentation": 2, "depth": 2}
+    printed = format_results(results)
+    for path in results["paths"].values():
+        assert Path(path).exists() and path in printed
+    for text in ("mIoU", "pixel acc", "AbsRel", "RMSE", "δ1", f"{metrics['pretrain_loss_start']:.3f} ->"):
+        assert text in printed
+
+
+def test_loss_curve_reads_first_and_last_logged_loss(tmp_path):
+    records = [
+        {"step": 1, "loss": 5.0},
+        {"step": 2, "eval_x": 1.0},
+        {"step": 3, "loss": None},
+        {"step": 4, "loss": 3.5},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    assert loss_curve(tmp_path) == (5.0, 3.5)
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "eval_x": 1.0}) + "\n")
+    with pytest.raises(ValueError, match="no training loss"):
+        loss_curve(tmp_path)
+
+
+def test_check_finite_names_the_bad_metric():
+    check_finite({"metrics": {"a": 1.0, "b": 0}})
+    with pytest.raises(ValueError, match="rmse"):
+        check_finite({"metrics": {"a": 1.0, "rmse": float("nan")}})
+
+
+def test_run_stage_refuses_bad_settings_before_loading(tmp_path):
+    argv = pretrain_argv(QUICK, tmp_path / "no-data", tmp_path / "run", "vit-tiny")
+    argv += ["--image-size", "30"]  # the last value wins, as on the command line; 30 is no multiple of 16
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        run_stage(pretrain_main, PretrainConfig, argv)
+    assert not (tmp_path / "run").exists()
+
+
+def test_demo_script_rejects_bad_options(capsys):
+    demo = load_script("demo")
+    with pytest.raises(SystemExit):
+        demo.main(["--loss", "nope"])
+    assert "invalid choice" in capsys.readouterr().err

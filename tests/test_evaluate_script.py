@@ -1,0 +1,120 @@
+"""scripts/evaluate_model.py on saved segmentation and depth folders: the report it writes, its defaults, and
+the folders it refuses."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from accelerate import Accelerator
+from finetune_data import SCRIPTS, SEG_CLASSES, save_encoder, write_depth_dataset, write_segmentation_dataset
+
+from densecl_vit.hub_cards.cards import load_eval_results
+from densecl_vit.modeling import (
+    DenseCLViTForDepthEstimation,
+    DenseCLViTForSemanticSegmentation,
+    DenseCLViTImageProcessor,
+)
+from densecl_vit.training import depth, segmentation
+from densecl_vit.training.engine import cli_main
+from densecl_vit.training.finetuning import EvaluateConfig, open_eval_source
+
+spec = importlib.util.spec_from_file_location("evaluate_model", SCRIPTS / "evaluate_model.py")
+evaluate_model = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(evaluate_model)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, tiny):
+    root = tmp_path_factory.mktemp("evaluate")
+    names = {int(k): v for k, v in SEG_CLASSES.items()}
+    torch.manual_seed(0)
+    seg = tiny(num_labels=3, id2label=names, label2id={v: k for k, v in names.items()}, decode_head="upernet")
+    DenseCLViTForSemanticSegmentation(seg).save_pretrained(root / "seg")
+    DenseCLViTForDepthEstimation(tiny(max_depth=8.0)).save_pretrained(root / "depth")
+    for name in ("seg", "depth"):
+        DenseCLViTImageProcessor(size={"height": 32, "width": 32}, size_divisor=8).save_pretrained(
+            root / name
+        )
+    return {
+        "root": root,
+        "seg": root / "seg",
+        "depth": root / "depth",
+        "encoder": save_encoder(root / "encoder"),
+        "seg_data": write_segmentation_dataset(root / "seg_data", num_train=1, num_val=3, size=40),
+        "depth_data": write_depth_dataset(root / "depth_data", num_train=1, num_val=3, png_millimetres=True),
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from conftest import tiny_config
+
+    return tiny_config
+
+
+def test_segmentation_folder_report_next_to_the_model(folders):
+    argv = ["--task", "segmentation", "--model", str(folders["seg"]), "--dataset", str(folders["seg_data"]),
+            "--num-workers", "0", "--scale-bounds", "80,40"]  # fmt: skip
+    assert cli_main(evaluate_model.main, EvaluateConfig, argv) == 0
+    report = load_eval_results(folders["seg"] / "eval_results.json")
+    assert (report.task, report.num_samples, report.dataset_split) == (
+        "semantic-segmentation",
+        3,
+        "validation",
+    )
+    # Defaults: the window is the model's image size, the stride 2/3 of it.
+    assert (report.protocol["crop_size"], report.protocol["stride"]) == (32, 21)
+    written = json.loads((folders["seg"] / "eval_results.json").read_text())
+    assert written["per_category"]["labels"] == list(SEG_CLASSES.values())
+
+    cfg = EvaluateConfig(
+        task="segmentation", model=str(folders["seg"]), dataset=str(folders["seg_data"]), num_workers=0
+    )
+    model = DenseCLViTForSemanticSegmentation.from_pretrained(folders["seg"])
+    source = open_eval_source(cfg, "validation", segmentation.resolve_columns, None)
+    protocol = segmentation.SegmentationProtocol(32, 21, (80, 40))
+    direct = segmentation.evaluation_report(model, source, Accelerator(cpu=True), protocol)
+    assert direct["metrics"] == pytest.approx(report.metrics)
+
+
+def test_depth_folder_report_in_output_dir_from_16_bit_pngs(folders, tmp_path):
+    argv = ["--task", "depth", "--model", str(folders["depth"]), "--dataset", str(folders["depth_data"]),
+            "--depth-scale", "1e-3", "--num-workers", "0", "--output-dir", str(tmp_path), "--max-samples", "2"]  # fmt: skip
+    assert cli_main(evaluate_model.main, EvaluateConfig, argv) == 0
+    assert not (folders["depth"] / "eval_results.json").exists()
+    report = load_eval_results(tmp_path / "eval_results.json")
+    assert (report.task, report.num_samples) == ("depth-estimation", 2)
+    assert sorted(report.metrics) == sorted(depth.DEPTH_METRICS)
+    assert report.protocol["max_depth"] == 8.0 and report.protocol["eigen_crop"] is False
+
+
+def test_refuses_a_folder_without_a_trained_head_and_bad_options(folders, capsys):
+    argv = [
+        "--task",
+        "segmentation",
+        "--model",
+        str(folders["encoder"]),
+        "--dataset",
+        str(folders["seg_data"]),
+    ]
+    assert cli_main(evaluate_model.main, EvaluateConfig, argv) == 2
+    assert "holds no trained DenseCLViTForSemanticSegmentation" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as bad:
+        cli_main(evaluate_model.main, EvaluateConfig, [*argv, "--window", "16", "--stride", "32"])
+    assert bad.value.code == 2
+    with pytest.raises(SystemExit):
+        cli_main(
+            evaluate_model.main,
+            EvaluateConfig,
+            ["--task", "depth", "--model", "owner/name", "--dataset", "x"],
+        )
+    assert "set --output-dir" in capsys.readouterr().err
