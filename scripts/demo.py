@@ -6,7 +6,7 @@ segmentation and depth heads -> evaluation -> Hub-ready folders with model cards
     python scripts/demo.py --quick              # every stage at toy size, in seconds (what the tests run)
 
 About 15 minutes on two CPU cores at the default settings; see `densecl_vit.training.demo` for the stages and
-the output layout. Exit status: 0 on success, 2 for a bad option or setting.
+the output layout. Exit status: 0 on success or when stopped by SIGTERM/SIGINT, 2 for a bad option or setting.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 import sys
 
-from densecl_vit.training.demo import DEFAULT, QUICK, check_finite, run_demo
+from densecl_vit.training.demo import DEFAULT, QUICK, StageInterrupted, check_finite, run_demo
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
+    except StageInterrupted as stop:
+        print(f"stopped: {stop}", file=sys.stderr)  # a signal, as the training scripts: status 0
     return 0
 
 

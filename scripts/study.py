@@ -7,8 +7,9 @@ synthetic indoor scenes, for segmentation and depth, frozen and fully fine-tuned
     python scripts/study.py --size tiny --seeds 1 --arms local-global random   # a smoke test in seconds
 
 Writes OUTPUT_DIR/study.md (tables), study.json (every run and the mean ± std over seeds) and study.png (chart);
-started again on the same folder, it skips the runs that already finished. See `densecl_vit.training.study`.
-Exit status: 0 on success, 2 for a bad option or setting.
+started again on the same folder, it skips the runs that already finished and resumes a run stopped by SIGTERM
+or SIGINT from its checkpoint. See `densecl_vit.training.study`.
+Exit status: 0 when done or stopped by a signal, 2 for a bad option or setting.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from densecl_vit.training.demo import StageInterrupted
 from densecl_vit.training.study import ARMS, PROTOCOLS, SIZES, TASKS, run_study
 
 
@@ -41,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
+    except StageInterrupted as stop:
+        print(f"stopped: {stop}", file=sys.stderr)  # a signal, as the training scripts: status 0
     return 0
 
 

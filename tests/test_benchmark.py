@@ -74,7 +74,7 @@ def test_quick_run_writes_markdown_tables(quick_run):
         assert text in markdown
     for title in ("## Encoder vs timm", "## Pre-training step", "## Two-view augmentation", "## End-to-end"):
         assert title in markdown
-    header = "| size | pass | batch | ours img/s | timm img/s | time ours/timm |"
+    header = "| size | pass | batch | ours img/s | timm img/s | time ours/timm (median; min) |"
     assert header in markdown
     assert f"| test | forward | 2 | {results['encoder'][0]['ours_images_per_s']:,.1f} |" in markdown
 

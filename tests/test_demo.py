@@ -1,21 +1,25 @@
 """The demo end to end at toy size (`scripts/demo.py --quick`): every artefact, finite metrics, the printed table;
 and the pieces it is made of (the loss curve reader, the metric check, in-process stage runs)."""
 
+import dataclasses
 import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from densecl_vit.training.demo import (
     QUICK,
+    StageInterrupted,
     check_finite,
     format_results,
     loss_curve,
     pretrain_argv,
     run_stage,
+    torch_threads,
 )
 from densecl_vit.training.pretraining import PretrainConfig
 from densecl_vit.training.pretraining import main as pretrain_main
@@ -111,8 +115,45 @@ def test_run_stage_refuses_bad_settings_before_loading(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_demo_script_rejects_bad_options(capsys):
+@dataclasses.dataclass
+class StageOptions:
+    output_dir: str = "out"
+    steps: int = 1
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ValueError("--steps must be >= 1")
+
+
+def test_run_stage_parses_validates_and_stops_on_an_interrupted_run():
+    assert run_stage(
+        lambda cfg: {"status": "completed", "steps": cfg.steps}, StageOptions, ["--steps", 3]
+    ) == {
+        "status": "completed",
+        "steps": 3,
+    }
+    with pytest.raises(ValueError, match="--steps must be"):
+        run_stage(lambda cfg: {}, StageOptions, ["--steps", 0])
+    with pytest.raises(StageInterrupted, match="out stopped at step 2"):
+        run_stage(lambda cfg: {"status": "preempted", "steps": 2}, StageOptions, [])
+
+
+def test_torch_threads_sets_and_restores_the_thread_count():
+    before = torch.get_num_threads()
+    with torch_threads(None, num_workers=10**6) as threads:  # more workers than cores: still one thread
+        assert threads == 1 == torch.get_num_threads()
+    with torch_threads(2, num_workers=0) as threads:
+        assert threads == 2 == torch.get_num_threads()
+    assert torch.get_num_threads() == before
+
+
+def test_demo_script_rejects_bad_options_before_rendering(capsys, tmp_path):
     demo = load_script("demo")
     with pytest.raises(SystemExit):
         demo.main(["--loss", "nope"])
     assert "invalid choice" in capsys.readouterr().err
+    assert demo.main(["--image-size", "40", "--output-dir", str(tmp_path / "demo")]) == 2
+    assert "multiple of the patch size 16" in capsys.readouterr().err
+    assert demo.main(["--quick", "--num-val", "0", "--output-dir", str(tmp_path / "demo")]) == 2
+    assert "num_val must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

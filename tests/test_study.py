@@ -16,11 +16,10 @@ from densecl_vit.training.study import (
     SIZES,
     aggregate,
     mean_patch_cosine,
-    mean_std,
     patch_similarity,
     run_study,
-    study_markdown,
 )
+from densecl_vit.training.study_report import mean_std, paired_differences, study_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,6 +102,15 @@ def test_aggregate_groups_by_arm_and_protocol():
     assert summary["both"]["encoder"]["patch_cos"]["mean"] == pytest.approx(0.205)
 
 
+def test_paired_differences_match_seed_by_seed():
+    _, runs = fake_records()
+    runs = [r for r in runs if not (r["arm"] == "global" and r["seed"] == 1)]  # a seed only one arm ran
+    diffs = paired_differences(runs, "local-global", "global", "frozen", "mean_iou")
+    assert diffs == pytest.approx([0.0 - 0.1])  # seed 0 only
+    diffs = paired_differences(runs, "random", "local-global", "full", "abs_rel")
+    assert diffs == pytest.approx([-0.15, -0.15])
+
+
 def test_markdown_bolds_the_best_arm_in_the_metric_direction():
     encoders, runs = fake_records()
     study = {
@@ -114,6 +122,7 @@ def test_markdown_bolds_the_best_arm_in_the_metric_direction():
         "protocols": list(PROTOCOLS),
         "tasks": ["segmentation", "depth"],
         "summary": aggregate(encoders, runs),
+        "runs": runs,
         "wall_time_s": 60.0,
     }
     text = study_markdown(study)
@@ -124,6 +133,8 @@ def test_markdown_bolds_the_best_arm_in_the_metric_direction():
     assert "**0.150 ± 0.000**" in random_row  # lowest AbsRel
     assert "**" not in local_row.split(" | ")[1] and "**" not in local_row.split(" | ")[3]
     assert local_row.count("**") == random_row.count("**") - 4  # ties (pixel acc, δ1) are bold in every row
+    differences = text.split("## Paired differences")[1].split("##")[0]
+    assert "| frozen | local-to-global − global | -10.0 ± 0.0 |" in differences
     assert "patch cosine" in text and "**" not in text.split("## Encoders")[1]  # diagnostics are not ranked
 
 

@@ -287,7 +287,7 @@ def operator_difference(
 
 @dataclass
 class BenchOptions:
-    """Resolved command-line options (see `parse_args`)."""
+    """Resolved command-line options (see `build_parser` and `resolve_options`)."""
 
     device: torch.device
     sizes: list[str]
@@ -349,28 +349,21 @@ def _utilisation(flops_per_s: float, opts: BenchOptions) -> float | None:
 # --- sections ------------------------------------------------------------------------------------------
 
 
-def encoder_benchmark(size: str, opts: BenchOptions) -> list[dict[str, Any]]:
-    """Our encoder vs timm's, same weights: one row for the forward pass, one for forward+backward."""
+def _encoder_pair(size: str, opts: BenchOptions) -> tuple[DenseCLViTModel, torch.nn.Module]:
+    """Our encoder and timm's of `size`, timm's loaded with our weights, both on the device in train mode
+    (dropout and drop path are 0, so train mode computes what eval mode does, and compiles once)."""
     config = build_config(size, opts.image_size)
     torch.manual_seed(0)
     ours = DenseCLViTModel(config)
     reference = build_timm(config, SIZES[size]["timm"])
     reference.load_state_dict(densecl_to_timm(ours.state_dict()))
-    ours.to(opts.device).train()  # train mode for both passes: dropout and drop path are 0, no recompiles
-    reference.to(opts.device).train()
-    x = torch.randn(opts.batch, 3, opts.image_size, opts.image_size, device=opts.device)
-    functions = {
-        "ours": lambda t: ours(pixel_values=t).last_hidden_state,
-        "timm": reference.forward_features,
-    }
-    with torch.no_grad(), opts.autocast():
-        difference = (functions["ours"](x) - functions["timm"](x)).abs().max().item()
-    with opts.autocast():
-        extra_ours, extra_timm = operator_difference(functions["ours"], functions["timm"], x[:1])
-    ours.zero_grad(set_to_none=True)
-    reference.zero_grad(set_to_none=True)
-    if opts.compile:
-        functions = {name: torch.compile(fn) for name, fn in functions.items()}
+    return ours.to(opts.device).train(), reference.to(opts.device).train()
+
+
+def _pass_candidates(
+    functions: dict[str, Callable], models: dict[str, torch.nn.Module], x: torch.Tensor, opts: BenchOptions
+) -> dict[str, Callable[[], None]]:
+    """`{name}_forward` (no grad) and `{name}_forward_backward` for each function (B, 3, H, W) -> (B, T, D)."""
 
     def forward(fn: Callable) -> Callable[[], None]:
         def run() -> None:
@@ -388,14 +381,30 @@ def encoder_benchmark(size: str, opts: BenchOptions) -> list[dict[str, Any]]:
 
         return run
 
-    models = {"ours": ours, "timm": reference}
     candidates = {f"{name}_forward": forward(fn) for name, fn in functions.items()}
     candidates.update({f"{n}_forward_backward": forward_backward(f, models[n]) for n, f in functions.items()})
+    return candidates
+
+
+def encoder_benchmark(size: str, opts: BenchOptions) -> list[dict[str, Any]]:
+    """Our encoder vs timm's, same weights: one row for the forward pass, one for forward+backward."""
+    ours, reference = _encoder_pair(size, opts)
+    x = torch.randn(opts.batch, 3, opts.image_size, opts.image_size, device=opts.device)
+    functions = {"ours": lambda t: ours(pixel_values=t).last_hidden_state, "timm": reference.forward_features}
+    with torch.no_grad(), opts.autocast():
+        difference = (functions["ours"](x) - functions["timm"](x)).abs().max().item()
+    with opts.autocast():
+        extra_ours, extra_timm = operator_difference(functions["ours"], functions["timm"], x[:1])
+    ours.zero_grad(set_to_none=True)
+    reference.zero_grad(set_to_none=True)
+    if opts.compile:
+        functions = {name: torch.compile(fn) for name, fn in functions.items()}
+    candidates = _pass_candidates(functions, {"ours": ours, "timm": reference}, x, opts)
     timings = time_interleaved(candidates, opts.repeats, opts.warmup, opts.device)
     rows = []
     for mode in ("forward", "forward_backward"):
         mine, theirs = timings[f"ours_{mode}"], timings[f"timm_{mode}"]
-        flops = encoder_flops(config, backward=mode == "forward_backward")
+        flops = encoder_flops(ours.config, backward=mode == "forward_backward")
         rows.append({
             "size": size,
             "mode": mode,
@@ -403,6 +412,7 @@ def encoder_benchmark(size: str, opts: BenchOptions) -> list[dict[str, Any]]:
             "ours_images_per_s": _rate(opts.batch, mine.median),
             "timm_images_per_s": _rate(opts.batch, theirs.median),
             "time_ratio": mine.median / theirs.median,
+            "min_time_ratio": min(mine.wall) / min(theirs.wall),
             "cpu_time_ratio": mine.cpu_median / theirs.cpu_median,
             "ours_peak_mb": mine.peak_mb,
             "timm_peak_mb": theirs.peak_mb,
@@ -444,37 +454,31 @@ def _two_views(opts: BenchOptions) -> dict[str, torch.Tensor]:
     return {key: torch.randn(shape, device=opts.device) for key in ("pixel_values", "pixel_values_2")}
 
 
-def _timing_summary(timings: dict[str, Timing]) -> dict[str, dict[str, float]]:
-    return {name: {"median_s": t.median, "cpu_median_s": t.cpu_median} for name, t in timings.items()}
+def _timing_summary(timings: dict[str, Timing]) -> dict[str, dict[str, Any]]:
+    return {
+        name: {"median_s": t.median, "min_s": min(t.wall), "cpu_median_s": t.cpu_median, "wall_s": t.wall}
+        for name, t in timings.items()
+    }
 
 
-def pretraining_step_benchmark(size: str, opts: BenchOptions, accelerator: Any) -> dict[str, Any]:
-    """A full pre-training step vs the encoder's two-view forward+backward, and the parts of the difference.
+def _method_part_candidates(
+    model: DenseCLViTForPreTraining,
+    optimizer: Any,
+    accelerator: Any,
+    opts: BenchOptions,
+    lr: float,
+    decay: float,
+) -> dict[str, Callable[[], None]]:
+    """The method's additions to the encoder, each alone: the projection head on 2B (N + 1) tokens and the
+    normalisation + loss (forward+backward, from leaf tensors), the gradient norm + AdamW step (`optimizer`,
+    and a fused AdamW over the same groups, with its own state, when `optimizer` is not fused)."""
+    from .optim import build_adamw, param_groups_weight_decay
 
-    Candidates, same model and batch: `engine.train_step` as `scripts/pretrain.py` runs it; the encoder's
-    forward+backward on the 2B views; and each addition of the method timed alone: the projection head on
-    all 2B (N + 1) tokens (forward+backward), normalisation + local-to-global loss (forward+backward), and
-    gradient norm + AdamW step (as `build_optimizer` makes it, and with fused kernels for comparison).
-    """
-    from .engine import train_step
-    from .guards import NonFiniteGuard
-    from .optim import build_adamw, param_groups_weight_decay, scaled_lr
-
-    config = build_config(size, opts.image_size)
-    cfg, model, optimizer, scheduler = _training_setup(config, opts, accelerator)
-    inner = accelerator.unwrap_model(model)
-    encoder, head, params = inner.densecl_vit, inner.projection, list(inner.parameters())
-    batch, guard = _two_views(opts), NonFiniteGuard()
-    views = torch.cat([batch["pixel_values"], batch["pixel_values_2"]])
+    config, params, size = model.config, list(model.parameters()), 2 * opts.batch
     tokens = (config.image_size // config.patch_size) ** 2 + 1
-    hidden = torch.randn(2 * opts.batch, tokens, config.hidden_size, device=opts.device, requires_grad=True)
-    projected = torch.randn(
-        2 * opts.batch, tokens, config.projection_dim, device=opts.device, requires_grad=True
-    )
+    hidden = torch.randn(size, tokens, config.hidden_size, device=opts.device, requires_grad=True)
+    projected = torch.randn(size, tokens, config.projection_dim, device=opts.device, requires_grad=True)
     grads = [torch.randn_like(p) * 1e-3 for p in params]
-    # The same groups and lr with fused kernels (a separate state), to show what fusing buys on this device.
-    groups = param_groups_weight_decay(inner, cfg.weight_decay)
-    fused = build_adamw(groups, scaled_lr(cfg.lr, opts.batch), fused=True)
 
     def backward_of(forward: Callable[[], torch.Tensor]) -> Callable[[], None]:
         def run() -> None:
@@ -490,9 +494,9 @@ def pretraining_step_benchmark(size: str, opts: BenchOptions, accelerator: Any) 
         embeddings = torch.nn.functional.normalize(projected, dim=-1)  # as DenseCLViTForPreTraining.embed
         global_1, global_2 = embeddings[:, 0].chunk(2)
         local_1, local_2 = embeddings[:, 1:].chunk(2)
-        return inner.contrastive_loss(global_1, local_1, global_2, local_2)
+        return model.contrastive_loss(global_1, local_1, global_2, local_2)
 
-    def update(step_optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+    def update(step_optimizer: Any) -> Callable[[], None]:
         def run() -> None:
             for param, grad in zip(params, grads):
                 param.grad = grad
@@ -502,15 +506,45 @@ def pretraining_step_benchmark(size: str, opts: BenchOptions, accelerator: Any) 
 
         return run
 
+    candidates = {"head": backward_of(lambda: model.projection(hidden)), "loss": backward_of(loss)}
+    candidates["optimizer"] = update(optimizer)
+    if not optimizer.defaults.get("fused"):
+        fused = build_adamw(param_groups_weight_decay(model, decay), lr, fused=True)
+        candidates["optimizer_fused"] = update(fused)
+    return candidates
+
+
+def pretraining_step_benchmark(size: str, opts: BenchOptions, accelerator: Any) -> dict[str, Any]:
+    """A full pre-training step vs the encoder's two-view forward+backward, and the parts of the difference.
+
+    Candidates, same model and batch: `engine.train_step` as `scripts/pretrain.py` runs it (model, AdamW and
+    schedule from `pretraining.build_optimizer`); the encoder's forward+backward on the 2B views; and the
+    method's additions timed alone (`_method_part_candidates`).
+    """
+    from .engine import train_step
+    from .guards import NonFiniteGuard
+    from .optim import scaled_lr
+
+    config = build_config(size, opts.image_size)
+    cfg, model, optimizer, scheduler = _training_setup(config, opts, accelerator)
+    inner = accelerator.unwrap_model(model)
+    encoder, head = inner.densecl_vit, inner.projection
+    batch, guard = _two_views(opts), NonFiniteGuard()
+    views = torch.cat([batch["pixel_values"], batch["pixel_values_2"]])
+
+    def encoder_two_view() -> None:
+        with accelerator.autocast():
+            tokens = encoder(views).last_hidden_state
+        tokens.float().mean().backward()
+        optimizer.zero_grad(set_to_none=True)
+
     candidates = {
         "train_step": lambda: train_step(accelerator, model, optimizer, scheduler, batch, guard),
-        "encoder_two_view": backward_of(lambda: encoder(views).last_hidden_state),
-        "head": backward_of(lambda: head(hidden)),
-        "loss": backward_of(loss),
-        "optimizer": update(optimizer),
+        "encoder_two_view": encoder_two_view,
+        **_method_part_candidates(
+            inner, optimizer, accelerator, opts, scaled_lr(cfg.lr, opts.batch), cfg.weight_decay
+        ),
     }
-    if not optimizer.defaults.get("fused"):
-        candidates["optimizer_fused"] = update(fused)
     t = time_interleaved(candidates, opts.repeats, opts.warmup, opts.device)
     base, step = t["encoder_two_view"].median, t["train_step"].median
     step_flops = pretraining_step_flops(config, opts.batch)
@@ -619,6 +653,22 @@ def write_jpeg_parquet(path: Path, count: int, size: tuple[int, int] = SOURCE_SI
     return path
 
 
+def _timed_steps(
+    count: int, next_batch: Callable[[int], Any], step: Callable[[Any], Any], device: torch.device
+):
+    """Run `count` steps `step(next_batch(i))`; returns (total seconds, seconds spent in `next_batch`)."""
+    total = wait = 0.0
+    for index in range(count):
+        start = time.perf_counter()
+        batch = next_batch(index)
+        synchronize(device)
+        loaded = time.perf_counter()
+        step(batch)
+        synchronize(device)
+        total, wait = total + time.perf_counter() - start, wait + loaded - start
+    return total, wait
+
+
 def end_to_end_benchmark(size: str, opts: BenchOptions, accelerator: Any, data_dir: Path) -> dict[str, Any]:
     """Pre-training steps fed by the real loader vs the same steps on a batch already in memory.
 
@@ -631,42 +681,39 @@ def end_to_end_benchmark(size: str, opts: BenchOptions, accelerator: Any, data_d
     from .pretraining import DeviceColorAugment, build_data
 
     drain = opts.workers * 2 + 1  # the DataLoader's prefetch queue (prefetch_factor 2 per worker) + one
-    count = opts.batch * (opts.steps + drain + 1)
-    path = write_jpeg_parquet(data_dir / "images.parquet", count, opts.source_size)
+    path = write_jpeg_parquet(
+        data_dir / "images.parquet", opts.batch * (opts.steps + drain + 1), opts.source_size
+    )
     config = build_config(size, opts.image_size)
     cfg, model, optimizer, scheduler = _training_setup(config, opts, accelerator, dataset=str(path))
     loader, _ = build_data(cfg)
-    device = opts.device
+    batches, device, guard, probe = iter(loader), opts.device, NonFiniteGuard(), MemoryProbe(opts.device)
     if opts.gpu_augment:
         prepare_batch: Callable = DeviceColorAugment(cfg, accelerator)
     else:
         prepare_batch = lambda batch, step: {k: v.to(device, non_blocking=True) for k, v in batch.items()}  # noqa: E731
-    guard, probe, batches = NonFiniteGuard(), MemoryProbe(device), iter(loader)
-
-    def steps(count: int, fixed: dict[str, torch.Tensor] | None) -> tuple[float, float]:
-        """Seconds for `count` steps, and of those the seconds spent waiting for the loader."""
-        total = wait = 0.0
-        for step in range(count):
-            start = time.perf_counter()
-            batch = fixed if fixed is not None else prepare_batch(next(batches), step)
-            synchronize(device)
-            loaded = time.perf_counter()
-            train_step(accelerator, model, optimizer, scheduler, batch, guard)
-            synchronize(device)
-            total, wait = total + time.perf_counter() - start, wait + loaded - start
-        return total, wait
-
     fixed = prepare_batch(next(batches), 0)
-    steps(opts.warmup, fixed)
-    first, _ = steps(max(1, opts.steps // 2), fixed)
-    steps(drain, None)
+
+    def run(count: int, from_loader: bool) -> tuple[float, float]:
+        load = (lambda i: prepare_batch(next(batches), i)) if from_loader else (lambda i: fixed)
+        return _timed_steps(
+            count,
+            load,
+            lambda batch: train_step(accelerator, model, optimizer, scheduler, batch, guard),
+            device,
+        )
+
+    half = max(1, opts.steps // 2)
+    run(opts.warmup, from_loader=False)
+    first, _ = run(half, from_loader=False)
+    run(drain, from_loader=True)
     probe.reset()
-    loader_s, wait_s = steps(opts.steps, None)
+    loader_s, wait_s = run(opts.steps, from_loader=True)
     loader_peak = probe.peak_mb()
-    second, _ = steps(max(1, opts.steps // 2), fixed)
+    second, _ = run(half, from_loader=False)
     batches.close()  # ends the DataLoader iteration: its workers exit and count in RUSAGE_CHILDREN
     gc.collect()
-    model_only_s = (first + second) / (2 * max(1, opts.steps // 2))
+    model_only_s = (first + second) / (2 * half)
     return {
         "size": size,
         "batch": opts.batch,
@@ -741,19 +788,25 @@ def _table(title: str, header: Sequence[str], rows: Iterable[Sequence[str]]) -> 
     return lines + ["| " + " | ".join(row) + " |" for row in rows] + [""]
 
 
-def _encoder_table(rows: list[dict[str, Any]]) -> list[str]:
-    header = ["size", "pass", "batch", "ours img/s", "timm img/s", "time ours/timm", "CPU-time ours/timm"]
-    header += ["peak MB ours / timm", "TFLOP/s", "MFU"]
-    body = [
-        [r["size"], r["mode"].replace("_", "+"), str(r["batch"]), _fmt(r["ours_images_per_s"])]
-        + [_fmt(r["timm_images_per_s"]), _fmt(r["time_ratio"], 3, "x"), _fmt(r["cpu_time_ratio"], 3, "x")]
-        + [
-            f"{r['ours_peak_mb']:,.0f} / {r['timm_peak_mb']:,.0f}",
-            _sig(r["ours_tflops"]),
-            _pct(r["ours_mfu"]),
-        ]
-        for r in rows
+def _encoder_row(r: dict[str, Any]) -> list[str]:
+    return [
+        r["size"],
+        r["mode"].replace("_", "+"),
+        str(r["batch"]),
+        _fmt(r["ours_images_per_s"]),
+        _fmt(r["timm_images_per_s"]),
+        f"{r['time_ratio']:.3f}x; {r['min_time_ratio']:.3f}x",
+        _fmt(r["cpu_time_ratio"], 3, "x"),
+        f"{r['ours_peak_mb']:,.0f} / {r['timm_peak_mb']:,.0f}",
+        _sig(r["ours_tflops"]),
+        _pct(r["ours_mfu"]),
     ]
+
+
+def _encoder_table(rows: list[dict[str, Any]]) -> list[str]:
+    header = ["size", "pass", "batch", "ours img/s", "timm img/s", "time ours/timm (median; min)"]
+    header += ["CPU-time ours/timm", "peak MB ours / timm", "TFLOP/s", "MFU"]
+    body = map(_encoder_row, rows)
     lines = _table("Encoder vs timm VisionTransformer (same weights)", header, body)
     for r in rows[::2]:
         extra = ", ".join(f"{n} x{c}" for n, c in r["extra_ops_ours"].items()) or "none"
@@ -885,7 +938,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--threads", type=int, help="torch threads (default: torch's choice)")
     add("--dtype", choices=("fp32", "bf16"), help="bf16 = autocast (default: fp32 on CPU, bf16 on GPU)")
     add("--compile", action="store_true", help="torch.compile the models (ours and timm alike)")
-    add("--repeats", type=int, help="timed rounds per candidate (default 5, quick 2)")
+    add("--repeats", type=int, help="timed rounds per candidate (default: 5 on CPU, 20 on GPU, 2 quick)")
     add("--warmup", type=int, help="untimed calls per candidate first (default 1)")
     add("--workers", type=int, help="DataLoader workers of the end-to-end run (default: min(8, CPUs - 1))")
     add("--steps", type=int, help="timed steps of the end-to-end run (default 8, quick 2)")
@@ -934,7 +987,7 @@ def resolve_options(args: argparse.Namespace) -> BenchOptions:
         dtype=args.dtype or ("bf16" if cuda else "fp32"),
         threads=args.threads or torch.get_num_threads(),
         compile=args.compile,
-        repeats=args.repeats or (2 if quick else 5),
+        repeats=args.repeats or (2 if quick else 20 if cuda else 5),
         warmup=1 if args.warmup is None else args.warmup,
         workers=default_num_workers() if args.workers is None else args.workers,
         steps=args.steps or (2 if quick else 8),

@@ -16,15 +16,18 @@ interpreter (torch + transformers imports) per stage. Output layout under the de
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+
+import torch
 
 from .config import parse_config
 from .runlog import read_json, write_json
@@ -39,7 +42,8 @@ class DemoSettings:
     """Sizes of every stage. `model` is a preset name or a dict of `DenseCLViTConfig` fields (tiny test models).
 
     Pre-training uses `pretrain_lr` as the base learning rate for 256 images (the script scales it by
-    batch / 256); fine-tuning uses `finetune_lr` as it is.
+    batch / 256); fine-tuning uses `finetune_lr` as it is. `num_threads` is torch's intra-op thread count during
+    the runs; None takes the cores the data loader workers leave (see `torch_threads`).
     """
 
     image_size: int = 64
@@ -48,23 +52,36 @@ class DemoSettings:
     dataset_seed: int = 0
     model: str | Mapping[str, Any] = "vit-tiny"
     loss: str = "local-global"
-    pretrain_steps: int = 150
+    pretrain_steps: int = 120
     pretrain_batch_size: int = 32
     pretrain_lr: float = 4e-3
     crop_scale: tuple[float, float] = (0.25, 1.0)
     projection_hidden_size: int = 512
     projection_dim: int = 128
-    finetune_steps: int = 150
+    finetune_steps: int = 100
     finetune_batch_size: int = 16
     finetune_lr: float = 1e-3
     layer_decay: float | None = 0.75
     log_every: int = 10
     num_workers: int = 1
+    num_threads: int | None = None
     plot_curves: bool = True
     seed: int = 0
 
     def patch_size(self) -> int:
         return int(self.model.get("patch_size", 16)) if isinstance(self.model, Mapping) else 16
+
+    def validate(self) -> None:
+        """Refuse settings that would fail only after the dataset is rendered."""
+        if self.image_size < 1 or self.image_size % self.patch_size():
+            raise ValueError(
+                f"image_size {self.image_size} must be a positive multiple of the patch size {self.patch_size()}"
+            )
+        counts = {"num_train": self.num_train, "num_val": self.num_val, "pretrain_steps": self.pretrain_steps}
+        counts.update(finetune_steps=self.finetune_steps)
+        for name, value in counts.items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
 
     def describe_model(self) -> str:
         if isinstance(self.model, Mapping):
@@ -80,7 +97,13 @@ QUICK = DemoSettings(
     image_size=32,
     num_train=16,
     num_val=4,
-    model={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "patch_size": 8},
+    model={
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "patch_size": 8,
+        "depth_head_hidden_size": 16,
+    },
     pretrain_steps=2,
     pretrain_batch_size=4,
     projection_hidden_size=32,
@@ -89,20 +112,47 @@ QUICK = DemoSettings(
     finetune_batch_size=4,
     log_every=1,
     num_workers=0,
+    num_threads=1,  # toy models run fastest on one thread
+    plot_curves=False,
 )
 
 
 # --- running the scripts in-process -------------------------------------------------------------------
 
 
+class StageInterrupted(RuntimeError):
+    """A training stage stopped before its end (SIGTERM/SIGINT); its checkpoint is kept in its output folder."""
+
+
+@contextlib.contextmanager
+def torch_threads(num_threads: int | None, num_workers: int) -> Iterator[int]:
+    """Run a block with `num_threads` torch threads (None: the CPUs left by `num_workers` data loader workers,
+    at least one), then restore the previous count. More threads than free cores make every step wait for the
+    slowest, descheduled thread: on 2 cores with one loader worker, one thread is several times faster."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = num_threads if num_threads is not None else max(1, cpus - num_workers)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_stage(main_fn: Callable[[T], Any], cls: type[T], argv: Sequence[str]) -> Any:
     """Parse `argv` into `cls` as the script would (YAML-free), validate it and run `main_fn`; returns its result.
 
-    Bad options raise the script's one-line ValueError instead of exiting, so a caller can report the stage.
+    Bad options raise the script's one-line ValueError instead of exiting, so a caller can report the stage; a
+    run stopped by a signal raises `StageInterrupted`, so that no later stage starts from its missing outputs.
     """
     cfg = parse_config(cls, [str(arg) for arg in argv])
     cfg.validate()
-    return main_fn(cfg)
+    result = main_fn(cfg)
+    if isinstance(result, Mapping) and result.get("status", "completed") != "completed":
+        raise StageInterrupted(
+            f"{cfg.output_dir} stopped at step {result.get('steps')} ({result['status']}); its checkpoint is kept"
+        )
+    return result
 
 
 def model_argument(model: str | Mapping[str, Any], folder: Path) -> str:
@@ -221,8 +271,8 @@ def _fresh(folder: Path) -> Path:
     return folder
 
 
-def run_demo(s: DemoSettings, output_dir: str | os.PathLike, echo: Callable[[str], None] = print) -> dict:
-    """Every stage of the demo into `output_dir`; returns (and writes to demo_results.json) the numbers and paths."""
+def _stages(s: DemoSettings, paths: Mapping[str, Path]) -> list[tuple[str, str, Callable[[], Any]]]:
+    """(key, title, run) of every stage but the report, in order."""
     from .depth import FinetuneDepthConfig
     from .depth import main as depth_main
     from .pretraining import PretrainConfig
@@ -230,65 +280,52 @@ def run_demo(s: DemoSettings, output_dir: str | os.PathLike, echo: Callable[[str
     from .segmentation import FinetuneSegmentationConfig
     from .segmentation import main as segmentation_main
 
-    root = Path(output_dir)
-    started = time.perf_counter()
+    data, encoder = paths["data"], str(paths["pretrain"] / "final")
+    model = model_argument(s.model, paths["pretrain"])
+
+    def publish() -> dict[str, Path]:
+        for task in ("segmentation", "depth"):
+            render_example(paths[task], data)
+        return {
+            task: export_release(paths[task] / "final", paths["release"] / task)
+            for task in ("segmentation", "depth")
+        }
+
+    return [
+        ("dataset", f"dataset: {s.num_train} + {s.num_val} synthetic scenes", lambda: ensure_dataset(s, data)),
+        ("pretrain", f"pre-training: {s.pretrain_steps} steps, {s.loss} loss",
+         lambda: run_stage(pretrain_main, PretrainConfig, pretrain_argv(s, data, paths["pretrain"], model))),
+        ("segmentation", f"segmentation: linear head, {s.finetune_steps} steps",
+         lambda: run_stage(segmentation_main, FinetuneSegmentationConfig,
+                           segmentation_argv(s, data, encoder, paths["segmentation"]))),
+        ("depth", f"depth: linear head, {s.finetune_steps} steps",
+         lambda: run_stage(depth_main, FinetuneDepthConfig, depth_argv(s, data, encoder, paths["depth"]))),
+        ("release", "example predictions and Hub-ready folders", publish),
+    ]  # fmt: skip
+
+
+def run_demo(s: DemoSettings, output_dir: str | os.PathLike, echo: Callable[[str], None] = print) -> dict:
+    """Every stage of the demo into `output_dir`; returns (and writes to demo_results.json) the numbers and paths.
+
+    Raises `StageInterrupted` when a signal stops a training stage (the later stages would have no input).
+    """
+    s.validate()
+    root, started = Path(output_dir), time.perf_counter()
     paths = {name: root / name for name in ("data", *STAGE_DIRS)}
     for name in STAGE_DIRS:
         _fresh(paths[name])
+    stages = _stages(s, paths)
+    outputs: dict[str, Any] = {}
     timings: dict[str, float] = {}
-
-    def stage(number: int, key: str, title: str, fn: Callable[[], Any]) -> Any:
-        echo(f"\n[{number}/6] {title}")
-        begin = time.perf_counter()
-        result = fn()
-        timings[key] = round(time.perf_counter() - begin, 1)
-        return result
-
-    stage(
-        1,
-        "dataset",
-        f"dataset: {s.num_train} + {s.num_val} synthetic scenes",
-        lambda: ensure_dataset(s, paths["data"]),
-    )
-    model = model_argument(s.model, paths["pretrain"])
-    pretrain_results = stage(
-        2,
-        "pretrain",
-        f"pre-training {s.pretrain_steps} steps, {s.loss} loss",
-        lambda: run_stage(
-            pretrain_main, PretrainConfig, pretrain_argv(s, paths["data"], paths["pretrain"], model)
-        ),
-    )
-    encoder = str(paths["pretrain"] / "final")
-    seg_results = stage(
-        3,
-        "segmentation",
-        f"segmentation: linear head, {s.finetune_steps} steps",
-        lambda: run_stage(
-            segmentation_main,
-            FinetuneSegmentationConfig,
-            segmentation_argv(s, paths["data"], encoder, paths["segmentation"]),
-        ),
-    )
-    depth_results = stage(
-        4,
-        "depth",
-        f"depth: linear head, {s.finetune_steps} steps",
-        lambda: run_stage(
-            depth_main, FinetuneDepthConfig, depth_argv(s, paths["data"], encoder, paths["depth"])
-        ),
-    )
-
-    def publish() -> dict[str, Path]:
-        releases = {}
-        for task in ("segmentation", "depth"):
-            render_example(paths[task], paths["data"])
-            releases[task] = export_release(paths[task] / "final", paths["release"] / task)
-        return releases
-
-    releases = stage(5, "release", "examples and Hub-ready folders", publish)
-    echo("\n[6/6] results")
-    results = summarize(s, paths, releases, pretrain_results, seg_results, depth_results)
+    with torch_threads(s.num_threads, s.num_workers) as threads:
+        echo(f"{threads} torch thread(s), {s.num_workers} data loader worker(s) per stage")
+        for number, (key, title, run) in enumerate(stages, start=1):
+            echo(f"\n[{number}/{len(stages) + 1}] {title}")
+            begin = time.perf_counter()
+            outputs[key] = run()
+            timings[key] = round(time.perf_counter() - begin, 1)
+    echo(f"\n[{len(stages) + 1}/{len(stages) + 1}] results")
+    results = summarize(s, paths, outputs)
     results["timings_s"] = {**timings, "total": round(time.perf_counter() - started, 1)}
     write_json(root / "demo_results.json", results)
     echo(format_results(results))
@@ -298,15 +335,9 @@ def run_demo(s: DemoSettings, output_dir: str | os.PathLike, echo: Callable[[str
 # --- the report ---------------------------------------------------------------------------------------
 
 
-def summarize(
-    s: DemoSettings,
-    paths: Mapping[str, Path],
-    releases: Mapping[str, Path],
-    pretrain_results: Mapping[str, Any],
-    seg_results: Mapping[str, Any],
-    depth_results: Mapping[str, Any],
-) -> dict[str, Any]:
-    """The demo's numbers (from the runs' results and eval_results.json files) and where everything lies."""
+def summarize(s: DemoSettings, paths: Mapping[str, Path], outputs: Mapping[str, Any]) -> dict[str, Any]:
+    """The demo's numbers (from the runs' results and eval_results.json files) and where everything lies;
+    `outputs` holds what each stage returned (the training stages: their results.json content)."""
     loss_start, loss_end = loss_curve(paths["pretrain"])
     seg = read_json(paths["segmentation"] / "eval_results.json")["metrics"]
     depth = read_json(paths["depth"] / "eval_results.json")["metrics"]
@@ -324,16 +355,16 @@ def summarize(
         "encoder": paths["pretrain"] / "final",
         "segmentation model": paths["segmentation"] / "final",
         "depth model": paths["depth"] / "final",
-        "segmentation release": releases["segmentation"],
-        "depth release": releases["depth"],
+        "segmentation release": outputs["release"]["segmentation"],
+        "depth release": outputs["release"]["depth"],
     }
     return {
         "settings": dataclasses.asdict(s),
         "model": f"{s.describe_model()}/{s.patch_size()} at {s.image_size}x{s.image_size} px",
         "steps": {
-            "pretrain": pretrain_results["steps"],
-            "segmentation": seg_results["steps"],
-            "depth": depth_results["steps"],
+            "pretrain": outputs["pretrain"]["steps"],
+            "segmentation": outputs["segmentation"]["steps"],
+            "depth": outputs["depth"]["steps"],
         },
         "metrics": metrics,
         "paths": {name: str(path) for name, path in written.items()},

@@ -17,19 +17,19 @@ of all validation patches, which removes an offset that every patch shares. Outp
 from __future__ import annotations
 
 import dataclasses
-import math
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import complete_checkpoints
 from .demo import (
     DemoSettings,
+    StageInterrupted,
     depth_argv,
     ensure_dataset,
     loss_curve,
@@ -37,14 +37,14 @@ from .demo import (
     pretrain_argv,
     run_stage,
     segmentation_argv,
+    torch_threads,
 )
 from .runlog import read_json, write_json
+from .study_report import ENCODER_METRICS, TASK_METRICS, mean_std, plot_study, study_markdown
 
 ARMS: tuple[str, ...] = ("local-global", "global", "both", "random")
 PROTOCOLS: tuple[str, ...] = ("frozen", "full")
 TASKS: tuple[str, ...] = ("segmentation", "depth")
-TASK_METRICS = {"segmentation": ("mean_iou", "overall_accuracy"), "depth": ("abs_rel", "rmse", "delta1")}
-ENCODER_METRICS = ("loss_start", "loss_end", "patch_cos", "patch_cos_centered")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +58,14 @@ class StudySize:
 
 
 def _sizes() -> dict[str, StudySize]:
-    small_vit = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "patch_size": 8}
+    # The depth head's width scales with the encoder's (its default, 256, suits ViT-B and would dominate here).
+    small_vit = {
+        "hidden_size": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "patch_size": 8,
+        "depth_head_hidden_size": 64,
+    }
     common = dict(
         projection_hidden_size=256, projection_dim=64, finetune_lr=5e-4, layer_decay=None, plot_curves=False
     )
@@ -66,22 +73,23 @@ def _sizes() -> dict[str, StudySize]:
         "tiny": StudySize(
             DemoSettings(
                 image_size=32, num_train=16, num_val=4, pretrain_steps=2, pretrain_batch_size=4,
-                finetune_steps=2, finetune_batch_size=4, log_every=1, num_workers=0,
-                model={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "patch_size": 8},
+                finetune_steps=2, finetune_batch_size=4, log_every=1, num_workers=0, num_threads=1,
+                model={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "patch_size": 8,
+                       "depth_head_hidden_size": 16},
                 **{**common, "projection_hidden_size": 32, "projection_dim": 16},
             ),
             diagnostic_samples=4,
         ),
         "small": StudySize(
             DemoSettings(
-                image_size=32, num_train=1000, num_val=100, model=small_vit, pretrain_steps=200,
-                finetune_steps=100, **common,
+                image_size=32, num_train=1000, num_val=100, model=small_vit, pretrain_steps=150,
+                finetune_steps=60, **common,
             )
         ),
         "default": StudySize(
             DemoSettings(
-                image_size=48, num_train=2000, num_val=100, model=small_vit, pretrain_steps=400,
-                finetune_steps=100, **common,
+                image_size=48, num_train=2000, num_val=100, model=small_vit, pretrain_steps=250,
+                finetune_steps=80, **common,
             )
         ),
         "large": StudySize(
@@ -151,14 +159,16 @@ def _complete(run_dir: Path, needed: str) -> bool:
     )
 
 
-def _run_once(run_dir: Path, needed: str, run: Callable[[], Any]) -> None:
-    """Run unless `run_dir` holds a completed run; a partial run is cleared first. Checkpoints are dropped
-    after completion (the study only reads the final model and the results)."""
+def _run_once(run_dir: Path, needed: str, run: Callable[[list[str]], Any], argv: list[str]) -> None:
+    """Run `argv` unless `run_dir` holds a completed run, resuming from the run's last checkpoint if it has one.
+    Checkpoints are dropped after completion (the study only reads the final model and the results)."""
     if _complete(run_dir, needed):
         return
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    run()
+    if run_dir.exists() and not complete_checkpoints(run_dir):
+        shutil.rmtree(run_dir)  # a run that died before its first checkpoint starts over
+    run([*argv, "--resume-from", "latest"])
+    if not _complete(run_dir, needed):
+        raise StageInterrupted(f"{run_dir} stopped before its end; start the study again to resume it")
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
 
 
@@ -192,7 +202,7 @@ def build_encoder(
             save_random_encoder(model, s.image_size, seed, run_dir / "final")
         return run_dir / "final", {}
     argv = pretrain_argv(s, data, run_dir, model, loss=arm, seed=seed)
-    _run_once(run_dir, "final", lambda: run_stage(pretrain_main, PretrainConfig, argv))
+    _run_once(run_dir, "final", lambda args: run_stage(pretrain_main, PretrainConfig, args), argv)
     start, end = loss_curve(run_dir)
     return run_dir / "final", {"loss_start": start, "loss_end": end}
 
@@ -215,7 +225,7 @@ def finetune(
     args = argv(s, data, str(encoder), run_dir, seed)
     if protocol == "frozen":
         args += ["--freeze-encoder", "--drop-path-rate", "0"]
-    _run_once(run_dir, "eval_results.json", lambda: run_stage(module.main, cls, args))
+    _run_once(run_dir, "eval_results.json", lambda argv: run_stage(module.main, cls, argv), args)
     metrics = read_json(run_dir / "eval_results.json")["metrics"]
     return {name: float(metrics[name]) for name in TASK_METRICS[task]}
 
@@ -248,7 +258,8 @@ def run_study(
     """Run (or finish) the study and write study.json, study.md and study.png; returns the study.json content.
 
     Seeds are the outer loop and the report is rewritten after each seed, so a stopped study leaves the report
-    of its complete seeds; started again on the same folder, it skips the runs that finished.
+    of its complete seeds; started again on the same folder, it skips the runs that finished and resumes a run
+    stopped by a signal (which raises `StageInterrupted`) from its checkpoint.
     """
     name = size if isinstance(size, str) else "custom"
     if isinstance(size, str):
@@ -258,40 +269,46 @@ def run_study(
     _check(arms, protocols, tasks, seeds)
     root, started = Path(output_dir), time.perf_counter()
     data = ensure_dataset(size.settings, root / "data")
+    plan = [(seed, arm) for seed in seeds for arm in arms]
     encoders: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
-    total, done = len(seeds) * len(arms) * (1 + len(protocols) * len(tasks)), 0
-    for index, seed in enumerate(seeds):
-        for arm in arms:
-            echo(f"\n=== study [{done + 1}/{total}] encoder {arm}, seed {seed}")
+    with torch_threads(size.settings.num_threads, size.settings.num_workers) as threads:
+        echo(f"{threads} torch thread(s), {size.settings.num_workers} data loader worker(s) per run")
+        for number, (seed, arm) in enumerate(plan, start=1):
+            echo(f"\n=== study [{number}/{len(plan)}] encoder {arm}, seed {seed}")
             encoder, losses = build_encoder(size, arm, seed, data, root)
             similarity = patch_similarity(patch_features(encoder, data, size.diagnostic_samples))
             encoders.append({"arm": arm, "seed": seed, **losses, **similarity})
-            done += 1
-            for protocol in protocols:
-                for task in tasks:
-                    echo(f"\n=== study [{done + 1}/{total}] {task}, {protocol}, encoder {arm}, seed {seed}")
-                    run_dir = root / "finetune" / arm / f"seed-{seed}" / f"{protocol}-{task}"
-                    metrics = finetune(size, task, protocol, encoder, seed, data, run_dir)
-                    runs.append({"arm": arm, "seed": seed, "protocol": protocol, "task": task, **metrics})
-                    done += 1
-        study = {
-            "size": name,
-            "settings": dataclasses.asdict(size.settings),
-            "frozen_lr": size.frozen_lr,
-            "diagnostic_samples": size.diagnostic_samples,
-            "seeds": list(seeds[: index + 1]),
-            "arms": list(arms),
-            "protocols": list(protocols),
-            "tasks": list(tasks),
-            "summary": aggregate(encoders, runs, arms, protocols),
-            "encoders": encoders,
-            "runs": runs,
-            "wall_time_s": round(time.perf_counter() - started, 1),
-        }
-        write_report(study, root)
+            for protocol, task in [(p, t) for p in protocols for t in tasks]:
+                echo(f"\n=== study [{number}/{len(plan)}] {task}, {protocol}, encoder {arm}, seed {seed}")
+                run_dir = root / "finetune" / arm / f"seed-{seed}" / f"{protocol}-{task}"
+                metrics = finetune(size, task, protocol, encoder, seed, data, run_dir)
+                runs.append({"arm": arm, "seed": seed, "protocol": protocol, "task": task, **metrics})
+            if arm == arms[-1]:  # a seed is complete: rewrite the report
+                done = list(seeds[: list(seeds).index(seed) + 1])
+                study = {
+                    "size": name,
+                    **_describe(size),
+                    "seeds": done,
+                    "arms": list(arms),
+                    "protocols": list(protocols),
+                    "tasks": list(tasks),
+                    "summary": aggregate(encoders, runs, arms, protocols),
+                    "encoders": encoders,
+                    "runs": runs,
+                    "wall_time_s": round(time.perf_counter() - started, 1),
+                }
+                write_report(study, root)
     echo(f"\nstudy written to {root / 'study.md'}, {root / 'study.json'} and {root / 'study.png'}")
     return study
+
+
+def _describe(size: StudySize) -> dict[str, Any]:
+    return {
+        "settings": dataclasses.asdict(size.settings),
+        "frozen_lr": size.frozen_lr,
+        "diagnostic_samples": size.diagnostic_samples,
+    }
 
 
 def write_report(study: Mapping[str, Any], root: Path) -> None:
@@ -299,18 +316,6 @@ def write_report(study: Mapping[str, Any], root: Path) -> None:
     write_json(root / "study.json", study)
     (root / "study.md").write_text(study_markdown(study))
     plot_study(study, root / "study.png")
-
-
-def mean_std(values: Sequence[float]) -> dict[str, Any]:
-    """{"mean", "std" (sample std over seeds; None for one value), "n", "values"}; non-finite values are kept
-    in "values" and make the mean NaN (reported, never hidden)."""
-    array = np.asarray(values, dtype=np.float64)
-    return {
-        "mean": float(array.mean()) if array.size else math.nan,
-        "std": float(array.std(ddof=1)) if array.size > 1 else None,
-        "n": int(array.size),
-        "values": [float(v) for v in array],
-    }
 
 
 def aggregate(
@@ -332,130 +337,3 @@ def aggregate(
             entry[protocol] = {m: mean_std([r[m] for r in picked if m in r]) for m in names}
         summary[arm] = entry
     return summary
-
-
-# --- the report ---------------------------------------------------------------------------------------
-
-ARM_NAMES = {
-    "local-global": "local-to-global (paper)",
-    "global": "global (SimCLR)",
-    "both": "local-to-global + global",
-    "random": "random init",
-}
-# key -> (column title, scale, decimals, True: higher is better / False: lower is better / None: a diagnostic)
-COLUMNS = {
-    "mean_iou": ("mIoU %", 100.0, 1, True),
-    "overall_accuracy": ("pixel acc %", 100.0, 1, True),
-    "abs_rel": ("AbsRel", 1.0, 3, False),
-    "rmse": ("RMSE m", 1.0, 3, False),
-    "delta1": ("δ1 %", 100.0, 1, True),
-    "loss_start": ("pre-train loss start", 1.0, 2, None),
-    "loss_end": ("pre-train loss end", 1.0, 2, None),
-    "patch_cos": ("patch cosine", 1.0, 3, None),
-    "patch_cos_centered": ("patch cosine, centred", 1.0, 3, None),
-}
-PROTOCOL_TITLES = {"frozen": "Frozen encoder + linear head", "full": "Full fine-tuning (linear head)"}
-
-
-def _title(key: str) -> str:
-    title, _, _, higher = COLUMNS[key]
-    return title if higher is None else f"{title} {'↑' if higher else '↓'}"
-
-
-def _cell(stats: Mapping[str, Any] | None, key: str, bold: bool) -> str:
-    """ "mean ± std" of a metric in its column's unit ("–" without values; no std for one seed)."""
-    if not stats or stats["n"] == 0:
-        return "–"
-    _, scale, decimals, _ = COLUMNS[key]
-    text = f"{scale * stats['mean']:.{decimals}f}"
-    if stats["std"] is not None:
-        text += f" ± {scale * stats['std']:.{decimals}f}"
-    return f"**{text}**" if bold else text
-
-
-def _table(summary: Mapping[str, Any], arms: Sequence[str], group: str, keys: Sequence[str]) -> list[str]:
-    """A Markdown table: one row per arm, one column per metric of `group`; the best mean of a ranked metric
-    in bold (every arm that ties for it)."""
-    keys = [k for k in keys if any(k in summary[a].get(group, {}) for a in arms)]
-    winners = {}
-    for key in keys:
-        means = {a: summary[a][group][key]["mean"] for a in arms if key in summary[a].get(group, {})}
-        finite = {a: m for a, m in means.items() if math.isfinite(m)}
-        if COLUMNS[key][3] is not None and finite:
-            best = (max if COLUMNS[key][3] else min)(finite.values())
-            winners[key] = {a for a, m in finite.items() if m == best}  # ties: every tied arm
-    lines = ["| encoder | " + " | ".join(_title(k) for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    for arm in arms:
-        cells = [_cell(summary[arm].get(group, {}).get(k), k, arm in winners.get(k, ())) for k in keys]
-        lines.append(f"| {ARM_NAMES.get(arm, arm)} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def study_markdown(study: Mapping[str, Any]) -> str:
-    """study.md: the settings, one table per protocol (best mean in bold), the encoder table."""
-    s, summary, arms = study["settings"], study["summary"], study["arms"]
-    model = (
-        s["model"] if isinstance(s["model"], str) else ", ".join(f"{k} {v}" for k, v in s["model"].items())
-    )
-    lines = [
-        "# Local-to-global vs global pre-training, in miniature",
-        "",
-        f"Synthetic indoor scenes, {s['num_train']} training / {s['num_val']} validation images of "
-        f"{s['image_size']}x{s['image_size']} px; encoder: {model}. Pre-training: {s['pretrain_steps']} steps of "
-        f"{s['pretrain_batch_size']} images (base lr {s['pretrain_lr']:g} per 256 images). Fine-tuning: "
-        f"{s['finetune_steps']} steps of {s['finetune_batch_size']} images, lr {study['frozen_lr']:g} (frozen) / "
-        f"{s['finetune_lr']:g} (full). Mean ± sample std over seeds {study['seeds']} "
-        f"(size `{study['size']}`, {study['wall_time_s'] / 60:.0f} min).",
-    ]
-    for protocol in study["protocols"]:
-        keys = [m for task in study["tasks"] for m in TASK_METRICS[task]]
-        lines += [
-            "",
-            f"## {PROTOCOL_TITLES[protocol]}",
-            "",
-            *_table(summary, arms, protocol, keys),
-        ]
-    lines += [
-        "",
-        "## Encoders",
-        "",
-        "Patch cosine: mean cosine similarity between distinct patch features of one validation image (near 1:",
-        "the patches collapsed onto one image-level vector); centred: after subtracting the mean patch feature.",
-        "",
-        *_table(summary, arms, "encoder", ENCODER_METRICS),
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def plot_study(study: Mapping[str, Any], path: str | Path) -> Path:
-    """study.png: per metric, one group of bars per arm (one bar per protocol, ±std) with the seeds as dots,
-    and the patch cosine of each encoder."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    summary, arms, protocols = study["summary"], study["arms"], study["protocols"]
-    keys = [m for task in study["tasks"] for m in TASK_METRICS[task] if m != "overall_accuracy"]
-    panels = [(k, protocols) for k in keys] + [("patch_cos", ["encoder"])]
-    figure = Figure(figsize=(3.2 * len(panels), 3.6), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)
-    x = np.arange(len(arms))
-    for axis, (key, groups) in zip(figure.subplots(1, len(panels)), panels):
-        width = 0.8 / len(groups)
-        for g, group in enumerate(groups):
-            stats = [summary[a].get(group, {}).get(key) for a in arms]
-            scale = COLUMNS[key][1]
-            means = [scale * st["mean"] if st else np.nan for st in stats]
-            errors = [scale * (st["std"] or 0.0) if st else 0.0 for st in stats]
-            offset = x + (g - (len(groups) - 1) / 2) * width
-            axis.bar(offset, means, width, yerr=errors, capsize=3, label=group, alpha=0.8)
-            for xi, st in zip(offset, stats):
-                values = [scale * v for v in (st["values"] if st else [])]
-                axis.plot([xi] * len(values), values, "k.", markersize=3)
-        axis.set_title(_title(key), fontsize=10)
-        axis.set_xticks(
-            x, [ARM_NAMES.get(a, a).split(" (")[0] for a in arms], rotation=30, ha="right", fontsize=8
-        )
-        if len(groups) > 1:
-            axis.legend(fontsize=7)
-    figure.savefig(path)
-    return Path(path)
