@@ -159,7 +159,9 @@ class DenseCLViTConfig(PretrainedConfig):
         self.pretraining_loss = pretraining_loss
         self.gather_negatives = gather_negatives
         self.decode_head = decode_head
-        self.out_indices = list(out_indices) if out_indices is not None else self.default_out_indices(num_hidden_layers)
+        self.out_indices = (
+            list(out_indices) if out_indices is not None else self.default_out_indices(num_hidden_layers)
+        )
         self.decoder_hidden_size = decoder_hidden_size
         self.pool_scales = list(pool_scales)
         self.use_auxiliary_head = use_auxiliary_head

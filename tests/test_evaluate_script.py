@@ -6,7 +6,8 @@ import json
 
 import pytest
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, debug_launcher
+from accelerate.state import AcceleratorState
 from finetune_data import SCRIPTS, SEG_CLASSES, save_encoder, write_depth_dataset, write_segmentation_dataset
 
 from densecl_vit.hub_cards.cards import load_eval_results
@@ -118,3 +119,25 @@ def test_refuses_a_folder_without_a_trained_head_and_bad_options(folders, capsys
             ["--task", "depth", "--model", "owner/name", "--dataset", "x"],
         )
     assert "set --output-dir" in capsys.readouterr().err
+
+
+def _evaluate_on_every_rank(argv: list[str]) -> None:
+    AcceleratorState._reset_state(reset_partial_state=True)
+    status = cli_main(evaluate_model.main, EvaluateConfig, argv)
+    if status != 0:
+        raise RuntimeError(f"evaluation exited with status {status}")
+
+
+@pytest.mark.parametrize("task", ["segmentation", "depth"])
+def test_two_processes_report_what_one_process_reports(folders, tmp_path, task):
+    """Each process evaluates its share; confusion matrices are summed and per-image depth errors gathered."""
+    name = "seg" if task == "segmentation" else "depth"
+    argv = ["--task", task, "--model", str(folders[name]), "--dataset", str(folders[f"{name}_data"]),
+            "--num-workers", "0", "--depth-scale", "1e-3"]  # fmt: skip
+    assert cli_main(evaluate_model.main, EvaluateConfig, [*argv, "--output-dir", str(tmp_path / "one")]) == 0
+    debug_launcher(
+        _evaluate_on_every_rank, args=([*argv, "--output-dir", str(tmp_path / "two")],), num_processes=2
+    )
+    one, two = (load_eval_results(tmp_path / run / "eval_results.json") for run in ("one", "two"))
+    assert one.num_samples == two.num_samples == 3
+    assert two.metrics == pytest.approx(one.metrics)

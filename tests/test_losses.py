@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from densecl_vit.modeling import losses_densecl_vit
 from densecl_vit.modeling.losses_densecl_vit import (
     berhu_loss,

@@ -10,6 +10,7 @@ import evaluate
 import numpy as np
 import pytest
 import torch
+
 from densecl_vit.training.metrics import (
     DepthMetricAccumulator,
     SegmentationMetricAccumulator,

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from densecl_vit.training.sliding_window import sliding_window_logits, window_positions
 from torch import nn
+
+from densecl_vit.training.sliding_window import sliding_window_logits, window_positions
 
 NUM_LABELS = 5
 

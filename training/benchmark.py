@@ -427,8 +427,14 @@ def encoder_benchmark(size: str, opts: BenchOptions) -> list[dict[str, Any]]:
     return rows
 
 
-def _training_setup(config: DenseCLViTConfig, opts: BenchOptions, accelerator: Any, dataset: str = "-"):
-    """The pre-training model, AdamW and schedule exactly as `scripts/pretrain.py` builds them, prepared."""
+def _training_setup(
+    config: DenseCLViTConfig, opts: BenchOptions, accelerator: Any, dataset: str = "-"
+) -> tuple[Any, Any, Any, Any]:
+    """(options, model, AdamW, schedule) as `scripts/pretrain.py` builds them, prepared by `accelerator`.
+
+    With --compile the encoder and the head are compiled too, so that the candidates that call them alone
+    run compiled code like the full model does.
+    """
     from .pretraining import PretrainConfig, build_optimizer
 
     cfg = PretrainConfig(
@@ -443,7 +449,8 @@ def _training_setup(config: DenseCLViTConfig, opts: BenchOptions, accelerator: A
     torch.manual_seed(0)
     model = DenseCLViTForPreTraining(config).to(opts.device)
     if opts.compile:
-        model.compile()
+        for module in (model.densecl_vit, model.projection, model):
+            module.compile()
     optimizer, scheduler = build_optimizer(cfg, model, opts.batch, cfg.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     return cfg, model, optimizer, scheduler
@@ -974,9 +981,10 @@ def resolve_options(args: argparse.Namespace) -> BenchOptions:
     _positive("--warmup", args.warmup, 0)
     _positive("--workers", args.workers, 0)
     image_size = args.image_size or (32 if quick else 224)
-    patch = max(build_config(size, image_size).patch_size for size in sizes)
-    if image_size % patch:
-        raise ValueError(f"--image-size {image_size} is not a multiple of the patch size {patch}")
+    for size in sizes:
+        build_config(
+            size, image_size
+        )  # the config refuses an image size that is no multiple of the patch size
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     name = torch.cuda.get_device_name(device) if cuda else ""
     return BenchOptions(
