@@ -61,6 +61,11 @@ def test_quick_demo_writes_every_artefact(quick_demo):
         for name in ("README.md", "model.safetensors", "config.json", "eval_results.json", "example.png"):
             assert (release / name).is_file(), f"{release / name} missing"
         assert load_file(release / "model.safetensors")  # readable weights, not an empty file
+        architecture = {
+            "segmentation": "DenseCLViTForSemanticSegmentation",
+            "depth": "DenseCLViTForDepthEstimation",
+        }
+        assert json.loads((release / "config.json").read_text())["architectures"] == [architecture[task]]
         assert "---" in (release / "README.md").read_text()[:10]  # card metadata block first
 
 

@@ -1,6 +1,7 @@
 """The study: the patch-feature diagnostic against loop references, the mean ± std aggregation, the report, and
 a whole study at tiny size (2 steps per run, 1 seed) including a restart that skips the finished runs."""
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -183,6 +184,13 @@ def test_tiny_study_writes_its_report_and_skips_finished_runs_on_restart(tmp_pat
     again = run_study("tiny", [0], out, arms=arms, echo=lambda text: None)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing ran twice
     assert again["summary"] == study["summary"]
+
+    changed = dataclasses.replace(SIZES["tiny"], frozen_lr=0.5)  # only the frozen runs see this setting
+    run_study(changed, [0], out, arms=arms, protocols=["frozen"], tasks=["depth"], echo=lambda text: None)
+    rerun = {p for p in stamps if p.stat().st_mtime_ns != stamps[p]}
+    assert rerun == {out / "finetune/local-global/seed-0/frozen-depth/results.json",
+                     out / "finetune/random/seed-0/frozen-depth/results.json"}  # fmt: skip
+    assert "lr: 0.5" in (out / "finetune/random/seed-0/frozen-depth/config.yaml").read_text()
 
 
 @pytest.mark.slow

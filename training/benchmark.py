@@ -756,7 +756,7 @@ def environment(opts: BenchOptions, argv: Sequence[str]) -> dict[str, Any]:
     cuda = opts.device.type == "cuda"
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python scripts/benchmark.py " + " ".join(argv),
+        "command": " ".join(["python scripts/benchmark.py", *argv]),
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": opts.threads,
@@ -927,6 +927,10 @@ def render_markdown(results: dict[str, Any]) -> str:
         if results.get(name):
             lines += table(results[name])
     lines += [f"- {note}" for note in results.get("notes", [])]
+    lines.append(
+        "- Peak MB: CUDA max allocated, or the process's peak resident set during the candidate (on the CPU it "
+        "includes what earlier sections left allocated)."
+    )
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -1033,7 +1037,8 @@ def run(opts: BenchOptions, argv: Sequence[str] = ()) -> dict[str, Any]:
         "end_to_end": lambda: _end_to_end(opts, accelerator),
     }
     for name in opts.sections:
-        print(f"benchmark: {name} ({', '.join(opts.sizes)})", file=sys.stderr, flush=True)
+        sizes = {"encoder": opts.sizes, "pretraining_step": opts.sizes, "end_to_end": opts.sizes[:1]}
+        print(f"benchmark: {name} {' '.join(sizes.get(name, []))}", file=sys.stderr, flush=True)
         start = time.perf_counter()
         results[name] = sections[name]()
         results["seconds"][name] = time.perf_counter() - start

@@ -60,8 +60,8 @@ class DemoSettings:
     projection_dim: int = 128
     finetune_steps: int = 100
     finetune_batch_size: int = 16
-    finetune_lr: float = 1e-3
-    layer_decay: float | None = 0.75
+    finetune_lr: float = 3e-3
+    layer_decay: float | None = 0.65
     log_every: int = 10
     num_workers: int = 1
     num_threads: int | None = None

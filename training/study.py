@@ -25,11 +25,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 from .checkpoint import complete_checkpoints
+from .config import config_to_dict, parse_config
 from .demo import (
     DemoSettings,
-    StageInterrupted,
     depth_argv,
     ensure_dataset,
     loss_curve,
@@ -53,7 +54,7 @@ class StudySize:
     probe's lr, and how many validation images the patch diagnostic reads."""
 
     settings: DemoSettings
-    frozen_lr: float = 5e-3
+    frozen_lr: float = 1e-2
     diagnostic_samples: int = 100
 
 
@@ -66,8 +67,9 @@ def _sizes() -> dict[str, StudySize]:
         "patch_size": 8,
         "depth_head_hidden_size": 64,
     }
+    # Full fine-tuning: the head at finetune_lr, block i of L at finetune_lr * 0.65^(L + 1 - i).
     common = dict(
-        projection_hidden_size=256, projection_dim=64, finetune_lr=5e-4, layer_decay=None, plot_curves=False
+        projection_hidden_size=256, projection_dim=64, finetune_lr=5e-3, layer_decay=0.65, plot_curves=False
     )
     return {
         "tiny": StudySize(
@@ -83,20 +85,21 @@ def _sizes() -> dict[str, StudySize]:
         "small": StudySize(
             DemoSettings(
                 image_size=32, num_train=1000, num_val=100, model=small_vit, pretrain_steps=150,
-                finetune_steps=60, **common,
+                finetune_steps=100, **common,
             )
         ),
         "default": StudySize(
             DemoSettings(
                 image_size=48, num_train=2000, num_val=100, model=small_vit, pretrain_steps=250,
-                finetune_steps=80, **common,
+                finetune_steps=200, **common,
             )
         ),
         "large": StudySize(
             DemoSettings(
                 image_size=128, num_train=10000, num_val=500, model="vit-tiny", pretrain_steps=3000,
                 pretrain_batch_size=128, finetune_steps=1000, finetune_batch_size=32, num_workers=6,
-                log_every=50, **{**common, "projection_hidden_size": 2048, "projection_dim": 256},
+                log_every=50,
+                **{**common, "projection_hidden_size": 2048, "projection_dim": 256, "finetune_lr": 1e-3},
             ),
             frozen_lr=2e-3,
             diagnostic_samples=500,
@@ -152,23 +155,34 @@ def patch_similarity(features: torch.Tensor) -> dict[str, float]:
 # --- runs ---------------------------------------------------------------------------------------------
 
 
-def _complete(run_dir: Path, needed: str) -> bool:
+def _same_config(run_dir: Path, wanted: Mapping[str, Any]) -> bool:
+    """Whether the run's saved config.yaml is the config the study would run now (`--resume-from` aside)."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return False
+    saved = yaml.safe_load(path.read_text()) or {}
+    return {k: v for k, v in saved.items() if k != "resume_from"} == {
+        k: v for k, v in wanted.items() if k != "resume_from"
+    }
+
+
+def _run_once(run_dir: Path, needed: str, main_fn: Callable[[Any], Any], cls: type, argv: list[str]) -> None:
+    """Run a script's `main_fn` on `argv` unless `run_dir` holds a completed run of the same config; resume a
+    stopped run of the same config from its last checkpoint; start over otherwise (a changed setting, or no
+    checkpoint yet). Checkpoints are dropped after completion (the study reads the final model and results)."""
+    argv = [*argv, "--resume-from", "latest"]
+    same = _same_config(run_dir, config_to_dict(parse_config(cls, argv)))
     results = run_dir / "results.json"
-    return (
-        results.is_file() and read_json(results).get("status") == "completed" and (run_dir / needed).exists()
-    )
-
-
-def _run_once(run_dir: Path, needed: str, run: Callable[[list[str]], Any], argv: list[str]) -> None:
-    """Run `argv` unless `run_dir` holds a completed run, resuming from the run's last checkpoint if it has one.
-    Checkpoints are dropped after completion (the study only reads the final model and the results)."""
-    if _complete(run_dir, needed):
+    if (
+        same
+        and results.is_file()
+        and read_json(results).get("status") == "completed"
+        and (run_dir / needed).exists()
+    ):
         return
-    if run_dir.exists() and not complete_checkpoints(run_dir):
-        shutil.rmtree(run_dir)  # a run that died before its first checkpoint starts over
-    run([*argv, "--resume-from", "latest"])
-    if not _complete(run_dir, needed):
-        raise StageInterrupted(f"{run_dir} stopped before its end; start the study again to resume it")
+    if run_dir.exists() and not (same and complete_checkpoints(run_dir)):
+        shutil.rmtree(run_dir)
+    run_stage(main_fn, cls, argv)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
 
 
@@ -202,7 +216,7 @@ def build_encoder(
             save_random_encoder(model, s.image_size, seed, run_dir / "final")
         return run_dir / "final", {}
     argv = pretrain_argv(s, data, run_dir, model, loss=arm, seed=seed)
-    _run_once(run_dir, "final", lambda args: run_stage(pretrain_main, PretrainConfig, args), argv)
+    _run_once(run_dir, "final", pretrain_main, PretrainConfig, argv)
     start, end = loss_curve(run_dir)
     return run_dir / "final", {"loss_start": start, "loss_end": end}
 
@@ -225,7 +239,7 @@ def finetune(
     args = argv(s, data, str(encoder), run_dir, seed)
     if protocol == "frozen":
         args += ["--freeze-encoder", "--drop-path-rate", "0"]
-    _run_once(run_dir, "eval_results.json", lambda argv: run_stage(module.main, cls, argv), args)
+    _run_once(run_dir, "eval_results.json", module.main, cls, args)
     metrics = read_json(run_dir / "eval_results.json")["metrics"]
     return {name: float(metrics[name]) for name in TASK_METRICS[task]}
 
