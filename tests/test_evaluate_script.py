@@ -128,7 +128,7 @@ def _evaluate_on_every_rank(argv: list[str]) -> None:
         raise RuntimeError(f"evaluation exited with status {status}")
 
 
-@pytest.mark.slow  # two gloo processes; not yet proven free of hangs under load
+@pytest.mark.slow  # hangs with uneven shards (3 samples over 2 ranks): multi-process evaluation bug, open
 @pytest.mark.parametrize("task", ["segmentation", "depth"])
 def test_two_processes_report_what_one_process_reports(folders, tmp_path, task):
     """Each process evaluates its share; confusion matrices are summed and per-image depth errors gathered."""
