@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import os
 import sys
 import types
@@ -36,8 +35,6 @@ from .optim import (
 )
 from .pretraining import model_source
 from .runlog import MetricsLogger, write_json
-
-logger = logging.getLogger(__name__)
 
 FINETUNE_CRITICAL_KEYS = (
     *CRITICAL_KEYS,

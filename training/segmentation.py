@@ -116,7 +116,9 @@ class FinetuneSegmentationConfig(FinetuneArgs):
     cat_max_ratio: float = _opt(0.75, "re-draw a crop (up to 10 times) while one class covers more than this")
     photometric: bool = _opt(True, "random brightness, contrast, saturation and hue distortion")
     eval_window: int | None = _opt(None, "sliding-window size at evaluation; default: the crop height")
-    eval_stride: int | None = _opt(None, "sliding-window stride at evaluation; default: 2/3 of the window (341)")
+    eval_stride: int | None = _opt(
+        None, "sliding-window stride at evaluation; default: 2/3 of the window (341)"
+    )
 
     def validate(self) -> None:
         super().validate()

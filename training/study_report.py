@@ -85,7 +85,7 @@ def study_markdown(study: Mapping[str, Any]) -> str:
         f"{s['pretrain_batch_size']} images (base lr {s['pretrain_lr']:g} per 256 images). Fine-tuning: "
         f"{s['finetune_steps']} steps of {s['finetune_batch_size']} images, lr {study['frozen_lr']:g} (frozen) / "
         f"{s['finetune_lr']:g} (full). Mean ± sample std over seeds {study['seeds']} "
-        f"(size `{study['size']}`, {study['wall_time_s'] / 60:.0f} min).",
+        f"(size `{study['size']}`; the last invocation ran {study['wall_time_s'] / 60:.0f} min).",
     ]
     for protocol in study["protocols"]:
         keys = [m for task in study["tasks"] for m in TASK_METRICS[task]]
