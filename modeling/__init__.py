@@ -38,8 +38,13 @@ _AUTO_MODELS = (
 
 def _register() -> None:
     AutoConfig.register(DenseCLViTConfig.model_type, DenseCLViTConfig, exist_ok=True)
+    # One class serves both backends (it works on tensors and PIL images alike), so transformers does not fall back
+    # from its default torchvision backend with a warning.
     AutoImageProcessor.register(
-        DenseCLViTConfig, slow_image_processor_class=DenseCLViTImageProcessor, exist_ok=True
+        DenseCLViTConfig,
+        slow_image_processor_class=DenseCLViTImageProcessor,
+        fast_image_processor_class=DenseCLViTImageProcessor,
+        exist_ok=True,
     )
     DenseCLViTConfig.register_for_auto_class()
     DenseCLViTImageProcessor.register_for_auto_class("AutoImageProcessor")

@@ -63,6 +63,24 @@ def test_auto_classes_load_in_process_without_remote_code(tmp_path, tiny):
     assert isinstance(AutoModel.from_pretrained(folder), DenseCLViTModel)
 
 
+def test_auto_image_processor_loads_in_process_without_a_backend_fallback(tmp_path, caplog):
+    import logging
+
+    from transformers import AutoImageProcessor
+    from transformers.utils import logging as hf_logging
+
+    DenseCLViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    logging.Logger.warning_once.cache_clear()  # transformers warns once per process and message
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            processor = AutoImageProcessor.from_pretrained(tmp_path)
+    finally:
+        hf_logging.disable_propagation()
+    assert isinstance(processor, DenseCLViTImageProcessor)
+    assert not [r for r in caplog.records if "backend" in r.getMessage()], caplog.text
+
+
 def test_remote_code_files_import_only_torch_and_transformers():
     """What a Hub user executes with trust_remote_code must not reach beyond torch, transformers and the stdlib."""
     import ast
