@@ -35,6 +35,8 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from densecl_vit.modeling.configuration_densecl_vit import PRESET_ALIASES, PRESETS
+
 from .snippets import (
     MODEL_TASKS,
     PAPER_URL,
@@ -80,7 +82,8 @@ EVAL_TASK_TYPES = {"semantic-segmentation": "image-segmentation", "depth-estimat
 # An entry is added only after checking it against Tables 1 and 2 of arXiv:2205.15173; a setting without an entry
 # shows no paper column.
 PAPER_RESULTS: dict[tuple[str, str, str, str], dict[str, float]] = {}
-# Keys of a training config that name the checkpoint a run started from, and the data it trained on.
+# Keys of a training config that name the checkpoint a run started from (so does the scripts' top-level `model`,
+# unless it names a preset or a config.json: a random start), and the data it trained on.
 BASE_MODEL_KEYS = (
     "pretrained_model",
     "pretrained",
@@ -194,13 +197,20 @@ def _looks_like_hub_id(value: Any) -> bool:
     return isinstance(value, str) and bool(HUB_ID.match(value)) and not Path(value).exists()
 
 
+def names_a_checkpoint(model: str) -> bool:
+    """Whether a `model` option names a checkpoint (a Hub id or a folder), not a preset or a config.json file."""
+    preset = PRESET_ALIASES.get(model.lower(), model.lower())
+    return preset not in PRESETS and not model.lower().endswith(".json")
+
+
 def training_sources(config: dict[str, Any]) -> tuple[str | None, str | None, list[str]]:
     """(base model Hub id, base model local folder name, dataset Hub ids) named by a training config."""
     hub_id = local = None
     datasets = []
     for key, value in flatten(config):
         leaf = key.split(".")[-1]
-        if leaf in BASE_MODEL_KEYS and isinstance(value, str) and value:
+        start = key == "model" and isinstance(value, str) and names_a_checkpoint(value)
+        if (leaf in BASE_MODEL_KEYS or start) and isinstance(value, str) and value:
             if _looks_like_hub_id(value):
                 hub_id = hub_id or value
             else:
@@ -226,7 +236,8 @@ class CardInputs:
     base_model: str | None = None
     base_model_local: str | None = None
     datasets: tuple[str, ...] = ()
-    example_image: str | None = None
+    example_image: str | None = None  # a picture in the repository, by relative path
+    example_caption: str | None = None  # what the picture shows, printed under it
     num_parameters: int | None = None
 
 
@@ -325,6 +336,7 @@ def card_text(inputs: CardInputs, report: EvalReport | None) -> dict[str, Any]:
         ),
         limitations=limitations(inputs.model_class, inputs.config, inputs.fmt),
         example_image=inputs.example_image,
+        example_caption=inputs.example_caption,
     )
     return variables
 

@@ -12,6 +12,12 @@ The folder is exactly what the repository should hold:
 Both add `README.md` (the model card) and the run's artefacts found in the model folder or its parent run folder:
 the resolved training config (`config.yaml` / `training_config.yaml`), `eval_results.json` and example PNGs
 (`example*.png`). A pre-training folder is released as its encoder (`DenseCLViTModel`).
+
+A segmentation or depth release also holds the model's prediction on a photograph, drawn as scripts/predict.py
+draws it (`example_overlay.png` or `example_depth.png`, replacing a run artefact of that name), and its card shows
+that picture. The photograph is `ReleaseOptions.example_image`: by default `example_photo.jpg`, shipped with this
+package (scikit-image's `astronaut` sample, 256 x 256: the astronaut Eileen Collins, a NASA photograph in the
+public domain); `None` adds no example. Encoder releases get none (an encoder predicts no labels or depth).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import PIL.Image
 from huggingface_hub import CommitOperationAdd, HfApi
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
@@ -47,6 +54,13 @@ MODELING_DIR = Path(modeling_densecl_vit.__file__).resolve().parent
 TRAINING_CONFIG_NAMES = ("config.yaml", "training_config.yaml")
 EVAL_RESULTS_NAME = "eval_results.json"
 EXAMPLE_GLOB = "example*.png"
+EXAMPLE_PHOTO = Path(__file__).resolve().parent / "example_photo.jpg"
+EXAMPLE_PHOTO_CREDIT = "the astronaut Eileen Collins, NASA, public domain"
+EXAMPLE_NAMES = {"segmentation": "example_overlay.png", "depth": "example_depth.png"}  # predict.py's suffixes
+EXAMPLE_LEGENDS = {
+    "segmentation": "the colours are the predicted classes, listed with their share of the image",
+    "depth": "near is bright; the colour bar is in metres",
+}
 TIMM_FILE = "timm_model.safetensors"
 STOCK_SUBFOLDER = "stock"
 FORMATS = ("remote-code", "stock")
@@ -163,6 +177,8 @@ class ReleaseOptions:
     max_shard_size: str = "2GB"
     base_model: str | None = None
     overwrite: bool = False
+    # The photograph of the card's example prediction (segmentation and depth models); None: no example.
+    example_image: str | os.PathLike | None = EXAMPLE_PHOTO
 
 
 def _check_options(options: ReleaseOptions) -> None:
@@ -210,6 +226,7 @@ def build_release(
         stock.stock_image_processor(processor, stock_model)  # refuse unsupported processors before writing
     encoder = isinstance(model, DenseCLViTModel)
     timm_kwargs = stock.timm_kwargs(model) if encoder else None
+    photo = None if encoder else _example_photo(options.example_image)
 
     _prepare_output(output, model_dir, options.overwrite)
     if options.fmt == "stock":
@@ -222,6 +239,7 @@ def build_release(
         save_file(stock.timm_state_dict(model), output / TIMM_FILE, metadata={"format": "pt"})
     for name, path in artefacts.items():
         shutil.copyfile(path, output / name)
+    example = write_example(model, processor, photo, output) if photo is not None else None
 
     base_hub, base_local, datasets = training_sources(training_config or {})
     inputs = CardInputs(
@@ -237,12 +255,46 @@ def build_release(
         base_model=None if encoder else options.base_model or base_hub,
         base_model_local=None if encoder or options.base_model else base_local,
         datasets=tuple(datasets),
-        example_image=next((name for name in artefacts if name.endswith(".png")), None),
+        example_image=example or next((name for name in artefacts if name.endswith(".png")), None),
+        example_caption=_example_caption(model, options.example_image) if example else None,
         num_parameters=model.num_parameters(),
     )
     eval_path = output / "eval_results.json" if "eval_results.json" in artefacts else None
     render_model_card(inputs, eval_results=eval_path).save(output / "README.md")
     return list_files(output)
+
+
+def _example_photo(path: str | os.PathLike | None) -> PIL.Image.Image | None:
+    """The example photograph as RGB, read before anything is written; None when no example is wanted."""
+    from densecl_vit.training.inference import load_image
+
+    if path is None:
+        return None
+    try:
+        return load_image(path)
+    except Exception as error:  # any decoder failure: say which file, as predict.py does
+        raise ValueError(
+            f"cannot read the example image {path} ({type(error).__name__}); pass another --example-image "
+            "or --no-example."
+        ) from None
+
+
+def write_example(model: PreTrainedModel, processor: Any, photo: PIL.Image.Image, output: Path) -> str:
+    """Save the model's prediction on `photo`, drawn as scripts/predict.py draws it, in `output`; returns its name."""
+    from densecl_vit.training.visualize import model_task, prediction_picture, save_png
+
+    name = EXAMPLE_NAMES[model_task(model)]
+    save_png(prediction_picture(model, processor, photo), output / name)
+    return name
+
+
+def _example_caption(model: PreTrainedModel, path: str | os.PathLike) -> str:
+    from densecl_vit.training.visualize import model_task
+
+    task = model_task(model)
+    bundled = Path(path).resolve() == EXAMPLE_PHOTO
+    source = f"a photograph ({EXAMPLE_PHOTO_CREDIT})" if bundled else f"the photograph `{Path(path).name}`"
+    return f"The {task} this model predicts for {source}, drawn as `scripts/predict.py` draws it: {EXAMPLE_LEGENDS[task]}."
 
 
 def list_files(folder: str | os.PathLike) -> list[Path]:
@@ -302,6 +354,7 @@ def push_folder(
 
 
 __all__ = [
+    "EXAMPLE_PHOTO",
     "ReleaseOptions",
     "build_release",
     "find_artefacts",
@@ -309,4 +362,5 @@ __all__ = [
     "load_release_model",
     "push_folder",
     "remote_code_files",
+    "write_example",
 ]

@@ -17,7 +17,7 @@ from accelerate import Accelerator
 
 from densecl_vit.training import depth, segmentation
 from densecl_vit.training.engine import cli_main, setup_errors
-from densecl_vit.training.finetuning import EvaluateConfig, write_eval_results
+from densecl_vit.training.evaluation import EvaluateConfig, write_eval_results
 
 
 def main(cfg: EvaluateConfig) -> dict[str, Any]:

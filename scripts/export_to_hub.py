@@ -7,6 +7,9 @@
 
 The folder is exactly what the repository will hold (weights, config, processor, remote code or a stock
 transformers model, the model card and the run's published artefacts); see `densecl_vit.hub_cards.export`.
+A segmentation or depth release also holds the model's prediction on a photograph, drawn as scripts/predict.py
+draws it, and its card shows it: by default on the photograph shipped with the package (NASA's public-domain
+portrait of the astronaut Eileen Collins), with `--example-image PATH` on another, with `--no-example` none.
 `--push` reads the token from the usual Hugging Face login (`hf auth login`) or `HF_TOKEN`; it never prints it.
 Errors print one line `error: ...` on stderr and exit with status 2.
 """
@@ -20,7 +23,7 @@ from typing import Any
 
 from transformers.utils import logging as transformers_logging
 
-from densecl_vit.hub_cards.export import FORMATS, ReleaseOptions, build_release, push_folder
+from densecl_vit.hub_cards.export import EXAMPLE_PHOTO, FORMATS, ReleaseOptions, build_release, push_folder
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,6 +43,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--base-model", help="Hub id the model was fine-tuned from (default: from the run config)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
+    example = parser.add_mutually_exclusive_group()
+    example.add_argument(
+        "--example-image",
+        type=Path,
+        default=EXAMPLE_PHOTO,
+        help="photograph the card's example prediction is made on (default: the bundled public-domain photo)",
+    )
+    example.add_argument(
+        "--no-example", action="store_true", help="write no example prediction and show none in the card"
+    )
     push = parser.add_argument_group("push")
     push.add_argument("--push", action="store_true", help="upload the folder to the Hub in one commit")
     push.add_argument("--repo-id", help="ORG/NAME of the repository (also used in the card's snippets)")
@@ -66,6 +79,7 @@ def main(argv: list[str] | None = None, api: Any = None) -> int:
             max_shard_size=args.max_shard_size,
             base_model=args.base_model,
             overwrite=args.overwrite,
+            example_image=None if args.no_example else args.example_image,
         )
         files = build_release(args.model, args.output, options)
         print(f"wrote {len(files)} files to {args.output}")

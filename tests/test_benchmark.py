@@ -23,7 +23,8 @@ POSITIVE_KEYS = {
     "encoder": ["ours_images_per_s", "timm_images_per_s", "time_ratio", "cpu_time_ratio", "ours_peak_mb",
                 "timm_peak_mb", "flops_per_image", "ours_tflops"],
     "pretraining_step": ["encoder_two_view_images_per_s", "train_step_images_per_s", "flop_overhead_pct",
-                         "encoder_parameters", "head_parameters", "train_step_peak_mb", "flops_per_step"],
+                         "encoder_parameters", "head_parameters", "train_step_peak_mb", "flops_per_step",
+                         "unfused_optimizer_pct"],
     "augmentation": ["ours_images_per_s", "crop_only_images_per_s", "naive_images_per_s", "ours_images_per_cpu_s",
                      "naive_images_per_cpu_s", "speedup", "ours_peak_mb"],
     "end_to_end": ["images_per_s", "model_only_images_per_s", "ratio", "peak_mb", "worker_peak_mb"],
@@ -60,6 +61,8 @@ def test_quick_run_writes_every_section(quick_run):
     # Same weights: our encoder and timm's compute the same tokens.
     assert results["encoder"][0]["max_abs_difference"] < 1e-5
     assert 0.0 <= results["end_to_end"]["data_wait_fraction"] <= 1.0
+    # The training run's own optimiser, fused on the CPU too.
+    assert results["pretraining_step"][0]["fused_adamw"] is True
     assert results["encoder"][0]["ours_mfu"] is None  # no peak for CPUs
     env = results["environment"]
     assert env["torch"] == torch.__version__ and env["cpu"] and env["date"] and env["torch_threads"] >= 1

@@ -1,7 +1,6 @@
 """Depth fine-tuning: options, recipes, aligned samples, the evaluation function (perfect and scaled
 predictions against NumPy), the script, and learning."""
 
-import functools
 import json
 
 import numpy as np
@@ -16,16 +15,15 @@ from densecl_vit.modeling import DenseCLViTForDepthEstimation
 from densecl_vit.training.config import load_config
 from densecl_vit.training.depth import (
     DEPTH_METRICS,
-    DepthProtocol,
     FinetuneDepthConfig,
-    depth_eval_sample,
-    evaluate_depth,
+    eval_sample_fn,
     main,
     resolve_columns,
     train_sample_fn,
 )
+from densecl_vit.training.depth_eval import DepthProtocol, evaluate_depth
 from densecl_vit.training.engine import cli_main
-from densecl_vit.training.finetuning import open_eval_source
+from densecl_vit.training.evaluation import open_eval_source
 from densecl_vit.training.segmentation import RECIPES_DIR
 
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
@@ -116,10 +114,7 @@ def test_crop_and_flip_keep_depth_aligned_with_the_image(files):
 def test_16_bit_png_millimetres_decode_to_metres(files):
     cfg = tiny_cfg(files, dataset=str(files["png"]), depth_scale=1e-3)
     source = open_eval_source(cfg, "validation", resolve_columns, None)
-    sample = functools.partial(
-        depth_eval_sample, columns=source.columns, depth_scale=1e-3, min_depth=1e-3, max_depth=10.0,
-        patch_size=8, eval_size=None,
-    )  # fmt: skip
+    sample = eval_sample_fn(source.columns, depth_scale=1e-3, min_depth=1e-3, max_depth=10.0, patch_size=8)
     depth = [sample(example, None)["labels"] for example in source.stream]
     assert len(depth) == 2 and all(d.dtype == torch.float32 and 1.0 <= d.max() <= 7.0 for d in depth)
     assert all(d[:2].eq(0).all() for d in depth)
@@ -131,10 +126,7 @@ def evaluation_inputs(files, tiny, predict):
     model = DenseCLViTForDepthEstimation(tiny()).eval()
     source = open_eval_source(tiny_cfg(files), "validation", resolve_columns, None)
     accelerator = Accelerator(cpu=True)
-    sample = functools.partial(
-        depth_eval_sample, columns=source.columns, depth_scale=1.0, min_depth=1e-3, max_depth=10.0, patch_size=8,
-        eval_size=None,
-    )  # fmt: skip
+    sample = eval_sample_fn(source.columns, depth_scale=1.0, min_depth=1e-3, max_depth=10.0, patch_size=8)
     truths = [batch["labels"] for batch in source.loader(sample, accelerator)]
     outputs = iter(truths)
     model.forward = lambda pixel_values: DepthEstimatorOutput(predicted_depth=predict(next(outputs)))

@@ -1,7 +1,6 @@
 """Segmentation fine-tuning: options, samples, model start, layer-decay groups, evaluation paths, the script
 (in process and once as a subprocess), learning, and an exact resume after kill -9."""
 
-import functools
 import io
 import json
 import random
@@ -22,21 +21,25 @@ from densecl_vit.hub_cards.cards import load_eval_results
 from densecl_vit.modeling import DenseCLViTForPreTraining, DenseCLViTForSemanticSegmentation
 from densecl_vit.training.config import load_config
 from densecl_vit.training.engine import cli_main
-from densecl_vit.training.finetuning import EvalSource, build_optimizer, load_task_model, open_eval_source
+from densecl_vit.training.evaluation import EvalSource, open_eval_source
+from densecl_vit.training.finetuning import build_optimizer
 from densecl_vit.training.metrics.mean_iou.mean_iou import reduce_zero_label as metric_reduce
+from densecl_vit.training.model_start import load_task_model
 from densecl_vit.training.segmentation import (
     RECIPES_DIR,
     FinetuneSegmentationConfig,
-    SegmentationProtocol,
-    confusion_counts,
-    evaluate_segmentation,
+    eval_sample_fn,
     main,
     read_id2label,
     reduce_zero_label,
     resolve_columns,
-    segmentation_eval_sample,
-    segmentation_logits,
     train_sample_fn,
+)
+from densecl_vit.training.segmentation_eval import (
+    SegmentationProtocol,
+    confusion_counts,
+    evaluate_segmentation,
+    segmentation_logits,
 )
 
 NAMES = {0: "red thing", 1: "green thing", 2: "blue thing"}
@@ -147,9 +150,9 @@ def test_samples_reduce_labels_and_keep_image_and_labels_aligned(files, tmp_path
     # With no photometric change the red channel of a pixel tells its class: red things are class 0.
     red = sample["pixel_values"][0] > sample["pixel_values"][1] + 1.0
     assert (sample["labels"][red] == 0).all()
-    evaluation = segmentation_eval_sample(
-        example, None, source.columns, 3, reduce_labels=True, ignore_index=255, scale_bounds=(64, 16)
-    )
+    evaluation = eval_sample_fn(
+        source.columns, 3, reduce_labels=True, ignore_index=255, scale_bounds=(64, 16)
+    )(example, None)
     assert evaluation["pixel_values"].shape == (3, 16, 16) and evaluation["labels"].shape == (32, 32)
 
 
@@ -266,10 +269,9 @@ def test_evaluate_module_accumulator_and_script_path_agree(files, tmp_path, tiny
 
 
 def make_loader(source: EvalSource, accelerator, protocol):
-    sample = functools.partial(
-        segmentation_eval_sample, columns=source.columns, num_labels=3, reduce_labels=True, ignore_index=255,
-        scale_bounds=protocol.scale_bounds,
-    )  # fmt: skip
+    sample = eval_sample_fn(
+        source.columns, 3, reduce_labels=True, ignore_index=255, scale_bounds=protocol.scale_bounds
+    )
     return source.loader(sample, accelerator)
 
 

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -199,6 +200,25 @@ def test_training_sources_tell_hub_ids_from_local_folders(tmp_path):
         "pretrain-run",
         [],
     )
+
+
+def test_training_sources_read_the_start_of_a_finetuning_run_but_not_a_preset(tmp_path):
+    recipes = Path(__file__).resolve().parents[1] / "training" / "recipes"
+    finetune = load_training_config(recipes / "finetune_seg_ade20k_vit_small_linear.yaml")
+    assert finetune["model"] == "vit-small" and training_sources(finetune)[:2] == (None, None)
+    assert training_sources(finetune | {"model": "my-org/densecl-vit-small"})[:2] == (
+        "my-org/densecl-vit-small",
+        None,
+    )
+    encoder = tmp_path / "pretrain-run"
+    encoder.mkdir()
+    assert training_sources(finetune | {"model": str(encoder)})[:2] == (None, "pretrain-run")
+    # A pre-training run starts from a preset or a config.json: random weights, no base model.
+    pretrain = load_training_config(recipes / "pretrain_vit_tiny.yaml")
+    for model in (pretrain["model"], "ViT-Small", "b", "tiny", str(tmp_path / "config.json")):
+        assert training_sources(pretrain | {"model": model})[:2] == (None, None), model
+    # Only the run's own top-level option names its start.
+    assert training_sources({"tracker": {"model": "my-org/other"}})[:2] == (None, None)
 
 
 def _python_blocks(text):

@@ -4,7 +4,9 @@ import pytest
 import torch
 from torch import nn
 
+from densecl_vit.training import optim
 from densecl_vit.training.optim import (
+    apply_lr_scale,
     build_adam,
     build_adamw,
     cosine_with_warmup,
@@ -270,7 +272,8 @@ def test_build_optimizers_apply_lr_scale_and_weight_decay():
     assert "lr" not in groups[0]  # the caller's groups are not modified
     adam = build_adam(param_groups_weight_decay(model, 0.0), lr=1e-4)
     assert isinstance(adam, torch.optim.Adam) and all(g["lr"] == 1e-4 for g in adam.param_groups)
-    assert opt.param_groups[0]["fused"] is None  # CPU: left to torch
+    assert opt.param_groups[0]["fused"] is True  # torch >= 2.4 has fused Adam/AdamW kernels on the CPU too
+    assert adam.param_groups[0]["fused"] is True
 
 
 def test_optimizer_step_decays_only_decay_group():
@@ -289,6 +292,74 @@ def test_optimizer_step_decays_only_decay_group():
             else 1.0
         )
         torch.testing.assert_close(p.detach(), torch.full_like(p, expected), msg=name)
+
+
+def random_vit(seed=0):
+    torch.manual_seed(seed)
+    model = FakeViT()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize(
+    ("build", "reference_class"), [(build_adamw, torch.optim.AdamW), (build_adam, torch.optim.Adam)]
+)
+def test_fused_steps_match_reference_loop(build, reference_class):
+    """The auto-picked fused kernel (CPU) takes the same steps as torch's per-tensor loop, with weight decay
+    and groups of differing lr (layer decay 0.5: lrs 1/16 to 1 of the base)."""
+    lr, wd = 1e-2, 0.1
+    model, reference_model = random_vit(), random_vit()
+    groups = param_groups_layer_decay(model, wd, 0.5, LAYERS)
+    fused = build(groups, lr=lr)
+    reference_groups = apply_lr_scale(param_groups_layer_decay(reference_model, wd, 0.5, LAYERS), lr)
+    reference = reference_class(reference_groups, lr=lr, foreach=False, fused=False)
+    assert all(g["fused"] is True for g in fused.param_groups)
+    assert len({g["lr"] for g in fused.param_groups}) == LAYERS + 2
+    assert {g["weight_decay"] for g in fused.param_groups} == {0.0, wd}
+    for step in range(3):
+        grads = [torch.randn_like(p) for p in model.parameters()]
+        for params, opt in ((model.parameters(), fused), (reference_model.parameters(), reference)):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+        for (name, p), q in zip(model.named_parameters(), reference_model.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"step {step}: {name}")
+
+
+def test_first_fused_adamw_step_matches_closed_form():
+    """Step 1 of AdamW: m_hat = g, v_hat = g^2, so p <- p (1 - lr wd) - lr g / (|g| + eps) per group."""
+    lr, wd, eps = 1e-2, 0.1, 1e-8
+    model, initial = random_vit(), random_vit()
+    groups = param_groups_layer_decay(model, wd, 0.5, LAYERS)
+    opt = build_adamw(groups, lr=lr, eps=eps)
+    grads = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.grad = grads[n]
+    opt.step()
+    before = dict(initial.named_parameters())
+    for group in groups:
+        group_lr, group_wd = lr * group["lr_scale"], group["weight_decay"]
+        for name, p in zip(group["param_names"], group["params"]):
+            g = grads[name].double()
+            expected = before[name].detach().double() * (1 - group_lr * group_wd) - group_lr * g / (
+                g.abs() + eps
+            )
+            torch.testing.assert_close(p.detach().double(), expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_kernel_choice_falls_back_and_can_be_turned_off(monkeypatch):
+    groups = param_groups_weight_decay(FakeViT(), 0.05)
+    opt = build_adamw(groups, lr=1e-3, fused=False)
+    assert opt.param_groups[0]["fused"] is False and opt.param_groups[0]["foreach"] is None
+    # A device without fused kernels gets foreach ones where it has them, else torch's default.
+    monkeypatch.setattr(optim, "_supported_devices", lambda: (["cuda"], ["cpu"]))
+    opt = build_adamw(groups, lr=1e-3)
+    assert opt.param_groups[0]["fused"] is None and opt.param_groups[0]["foreach"] is True
+    monkeypatch.setattr(optim, "_supported_devices", lambda: (["cuda"], ["cuda"]))
+    opt = build_adam(groups, lr=1e-3)
+    assert opt.param_groups[0]["fused"] is None and opt.param_groups[0]["foreach"] is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -6,7 +6,7 @@ A script built on this module reads like accelerate's `complete_cv_example.py` s
     with setup_errors():                                        # a ValueError here: one line, exit status 2
         loader, num_examples = build_data(cfg, ...)             # a StreamLoader (not passed to prepare)
         model = build_model(cfg).to(accelerator.device)
-        optimizer, scheduler = build_optimizer(cfg, model, ...) # after .to(device): fused kernels on GPUs
+        optimizer, scheduler = build_optimizer(cfg, model, ...) # after .to(device): fused kernels where torch has them
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         signature = run_signature(cfg, accelerator)
         state = resume(accelerator, cfg, signature, CRITICAL_KEYS, loader)
@@ -47,6 +47,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import config_to_dict, run_cli
+from .data import StreamingSamples, StreamLoader, build_dataloader
 from .guards import NonFiniteGuard, PreemptionHandler, TrainingDiverged
 from .runlog import MetricsLogger, ThroughputMeter, progress_bar, read_json, write_json
 from .samples import DataError, SkipCounter
@@ -236,6 +237,13 @@ def run_signature(args: TrainingArgs, accelerator: Accelerator) -> dict[str, Any
     }
 
 
+def start_trackers(accelerator: Accelerator, project: str, signature: Mapping[str, Any]) -> None:
+    """Start the --report-to trackers with the run signature as hyperparameters (non-scalars as strings)."""
+    accelerator.init_trackers(
+        project, {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in signature.items()}
+    )
+
+
 def total_steps_for(args: TrainingArgs, num_processes: int, num_examples: int | None = None) -> int:
     """`--max-steps`, or the steps of `--epochs` passes over `--num-train-samples` (else `num_examples`)."""
     if args.max_steps is not None:
@@ -246,6 +254,29 @@ def total_steps_for(args: TrainingArgs, num_processes: int, num_examples: int | 
             "the stream does not say how many examples it holds; set --num-train-samples for --epochs"
         )
     return max(1, math.floor(args.epochs * examples / (args.per_device_batch_size * num_processes)))
+
+
+def train_loader(
+    args: TrainingArgs,
+    stream: Any,
+    make_sample: Callable,
+    columns: Sequence[str],
+    process_index: int = 0,
+    num_processes: int = 1,
+) -> StreamLoader:
+    """This process's loader of training batches over an endless, reshuffled stream."""
+    samples = StreamingSamples(
+        stream,
+        make_sample,
+        process_index=process_index,
+        num_processes=num_processes,
+        shuffle_buffer=args.shuffle_buffer,
+        seed=args.seed,
+        infinite=True,
+        columns=list(columns),
+        max_bad_fraction=args.max_bad_fraction,
+    )
+    return build_dataloader(samples, args.per_device_batch_size, num_workers=args.num_workers)
 
 
 def stream_num_examples(stream: Any, split: str) -> int | None:

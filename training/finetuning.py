@@ -1,40 +1,59 @@
 """What the two fine-tuning scripts share: their common options, the model start (a pre-training folder, any
 DenseCL-ViT folder, a converted timm/DINO/ViT folder or a random-init preset), layer-wise lr decay optimisers,
-training and evaluation loaders, the evaluation schedule and the `eval_results.json` report.
+the training loader and its samples, and the run itself (`run_finetuning`): data, model, optimiser, resume,
+`engine.train_loop` with periodic evaluation, then final/, eval_results.json and results.json.
 
-The loop itself is `engine.train_loop`; the task modules (`segmentation`, `depth`) add their samples, model
-class, evaluation protocol and metric.
+A task module (`segmentation`, `depth`) describes itself as a `FinetuneTask`: its columns, sample decoding and
+transforms, model class and config, evaluation protocol and metric (`segmentation_eval`, `depth_eval`, on top of
+`evaluation`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
-import sys
-import types
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+import PIL.Image
 import torch
 from accelerate import Accelerator
 from torch import nn
 
-from ..modeling import DenseCLViTConfig, DenseCLViTImageProcessor
-from .conversion import resample_position_embeddings
-from .data import StreamingSamples, StreamLoader, build_dataloader, open_stream
-from .engine import CRITICAL_KEYS, TrainerState, TrainingArgs, finish_run, save_model, train_loop
+from ..modeling import DenseCLViTImageProcessor
+from .config import save_config
+from .data import StreamLoader, open_stream, resolve_column
+from .engine import (
+    CRITICAL_KEYS,
+    TrainerState,
+    TrainingArgs,
+    build_accelerator,
+    finish_run,
+    resume,
+    run_signature,
+    save_model,
+    setup_errors,
+    start_trackers,
+    stream_num_examples,
+    total_steps_for,
+    train_loader,
+    train_loop,
+)
+from .evaluation import EvalSource, PeriodicEvaluator, open_eval_source, write_eval_results
+from .evaluation import EvaluateConfig as EvaluateConfig  # evaluate_model.py's options, public here too
+from .model_start import describe_load, load_task_model
 from .optim import (
     build_adam,
     build_adamw,
     cosine_with_warmup,
+    describe_param_groups,
     param_groups_layer_decay,
     poly_with_warmup,
     warmup_steps_from_fraction,
 )
 from .pretraining import model_source
-from .runlog import MetricsLogger, write_json
+from .runlog import MetricsLogger
 
 FINETUNE_CRITICAL_KEYS = (
     *CRITICAL_KEYS,
@@ -47,7 +66,6 @@ FINETUNE_CRITICAL_KEYS = (
     "poly_power",
     "freeze_encoder",
 )
-_CONFIG_META = ("architectures", "auto_map", "transformers_version", "model_type")
 
 
 def _opt(default: Any, help_text: str) -> Any:
@@ -111,72 +129,6 @@ class FinetuneArgs(TrainingArgs):
             raise ValueError("--eval-every needs an --eval-split; drop --eval-every or name the split")
 
 
-# --- model --------------------------------------------------------------------------------------------
-
-
-def store_position_embeddings_at(model: nn.Module, image_size: int) -> None:
-    """Resample the encoder's position embeddings once to an `image_size` square input (bicubic, as the model
-    does on the fly) so that training at that size skips the per-step resampling; updates `config.image_size`."""
-    embeddings = model.densecl_vit.embeddings
-    patch_size = model.config.patch_size
-    grid = image_size // patch_size
-    if grid == embeddings.grid_size:
-        return
-    with torch.no_grad():
-        resampled = resample_position_embeddings(embeddings.position_embeddings.detach(), grid)
-    embeddings.position_embeddings = nn.Parameter(resampled.contiguous())
-    embeddings.grid_size = grid
-    model.config.image_size = image_size
-
-
-def _newly_initialised(missing: Sequence[str]) -> list[str]:
-    """Top-level module names of the missing keys, e.g. ["auxiliary_head", "classifier", "decode_head"]."""
-    return sorted({key.split(".")[0] for key in missing})
-
-
-def load_task_model(
-    model_cls: type, source: str, crop_size: tuple[int, int], **overrides: Any
-) -> tuple[nn.Module, dict[str, Any]]:
-    """A task model started from `source` (a --model value) with config `overrides` (labels, head, drop path).
-
-    Returns the model and its load report: {"source_kind", "newly_initialized" (top-level modules), "missing",
-    "unused" (checkpoint tensors not used, e.g. a pre-training projection head)}. A square crop stores the
-    position embeddings at the crop size; other crops resample them on the fly.
-    """
-    kind, fields = model_source(source)
-    if kind == "folder":
-        raise ValueError(f"--model {source} holds a config.json but no weights; pass a folder with weights")
-    if kind == "weights":
-        model, info = model_cls.from_pretrained(
-            source, output_loading_info=True, ignore_mismatched_sizes=True, **overrides
-        )
-        missing = sorted(info["missing_keys"]) + sorted(key for key, *_ in info.get("mismatched_keys", ()))
-        report = {
-            "source_kind": kind,
-            "newly_initialized": _newly_initialised(missing),
-            "missing": missing,
-            "unused": sorted(info["unexpected_keys"]),
-        }
-    else:
-        fields = {k: v for k, v in fields.items() if k not in _CONFIG_META}
-        config = DenseCLViTConfig.from_dict({**fields, "image_size": crop_size[0], **overrides})
-        model = model_cls(config)
-        report = {"source_kind": kind, "newly_initialized": ["all"], "missing": [], "unused": []}
-    if crop_size[0] == crop_size[1]:
-        store_position_embeddings_at(model, crop_size[0])
-    return model, report
-
-
-def describe_load(source: str, report: Mapping[str, Any]) -> str:
-    """One line saying where the weights came from and what starts from scratch."""
-    if report["source_kind"] != "weights":
-        return f"random initialisation from {source} (no pre-trained weights)"
-    unused = f"; {len(report['unused'])} checkpoint tensors unused" if report["unused"] else ""
-    return (
-        f"loaded {source}; newly initialised: {', '.join(report['newly_initialized']) or 'nothing'}{unused}"
-    )
-
-
 # --- optimisation -------------------------------------------------------------------------------------
 
 
@@ -204,139 +156,109 @@ def build_optimizer(
 # --- data ---------------------------------------------------------------------------------------------
 
 
-def train_loader(
-    cfg: FinetuneArgs,
-    stream: Any,
-    make_sample: Callable,
-    columns: Sequence[str],
-    process_index: int = 0,
-    num_processes: int = 1,
-) -> StreamLoader:
-    """This process's loader of training batches over an endless, reshuffled stream."""
-    samples = StreamingSamples(
-        stream,
-        make_sample,
-        process_index=process_index,
-        num_processes=num_processes,
-        shuffle_buffer=cfg.shuffle_buffer,
-        seed=cfg.seed,
-        infinite=True,
-        columns=list(columns),
-        max_bad_fraction=cfg.max_bad_fraction,
+def image_and_target_columns(
+    features: Any, image_column: str | None, target_column: str | None, kind: str
+) -> tuple[str, str]:
+    """(image column, target column) of a stream: the target column (`kind` "label" or "depth") first, then the
+    image column among the others."""
+    target = resolve_column(features, target_column, kind)
+    return resolve_column(features, image_column, "image", exclude=[target]), target
+
+
+@dataclasses.dataclass(frozen=True)
+class PairedSample:
+    """A stream example -> {"pixel_values" (3, h, w), "labels" (h', w')}, or the reason to skip it.
+
+    `decode(example)` gives (RGB image, (H, W) target array) or a skip reason; `transform(image, target, rng)`
+    gives the two tensors (a training augmentation, or an evaluation resize).
+    """
+
+    decode: Callable[[Mapping[str, Any]], tuple[PIL.Image.Image, np.ndarray] | str]
+    transform: Callable[
+        [PIL.Image.Image, np.ndarray, np.random.Generator | None], tuple[torch.Tensor, torch.Tensor]
+    ]
+
+    def __call__(
+        self, example: Mapping[str, Any], rng: np.random.Generator | None
+    ) -> dict[str, torch.Tensor] | str:
+        decoded = self.decode(example)
+        if isinstance(decoded, str):
+            return decoded
+        pixel_values, labels = self.transform(*decoded, rng)
+        return {"pixel_values": pixel_values, "labels": labels}
+
+
+# --- the run ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneTask:
+    """What a task adds to the shared fine-tuning run.
+
+    `name`: the eval_results.json "task"; `model_class`: the task model; `critical_keys`: the options a resume
+    must not change;
+    `resolve_columns(cfg, features)` -> (image column, target column); `prepare(cfg, features, columns)` ->
+    (the training sample function, config overrides of the model: labels, head, depth range);
+    `evaluator(cfg, source, accelerator)` -> a function of the model giving the eval_results.json fields.
+    """
+
+    name: str
+    model_class: type
+    critical_keys: tuple[str, ...]
+    resolve_columns: Callable[[Any, Any], tuple[str, str]]
+    prepare: Callable[[Any, Any, tuple[str, str]], tuple[Callable, dict[str, Any]]]
+    evaluator: Callable[[Any, EvalSource, Accelerator], Callable[[nn.Module], dict[str, Any]]]
+
+
+def build_model(
+    cfg: FinetuneArgs, task: FinetuneTask, overrides: Mapping[str, Any], accelerator: Accelerator
+) -> nn.Module:
+    """The task model on the --model start with `overrides` and drop path, on the accelerator's device."""
+    model, report = load_task_model(
+        task.model_class, cfg.model, cfg.crop_size, **overrides, drop_path_rate=cfg.drop_path_rate
     )
-    return build_dataloader(samples, cfg.per_device_batch_size, num_workers=cfg.num_workers)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    accelerator.print(describe_load(cfg.model, report))
+    return model.to(accelerator.device)
 
 
-@dataclasses.dataclass
-class EvalSource:
-    """An evaluation split: its stream and (image, target) columns, its eval_results.json "dataset" entry, and
-    how to read it (`max_samples` counts over all processes)."""
-
-    stream: Any
-    columns: tuple[str, str]
-    dataset: dict[str, Any]
-    num_workers: int | None = None
-    max_samples: int | None = None
-    max_bad_fraction: float = 0.5
-
-    def loader(self, make_sample: Callable, accelerator: Accelerator) -> StreamLoader:
-        """One pass over this process's share in the stored order, one image per batch (sizes differ)."""
-        stream = self.stream.take(self.max_samples) if self.max_samples is not None else self.stream
-        samples = StreamingSamples(
-            stream,
-            make_sample,
-            process_index=accelerator.process_index,
-            num_processes=accelerator.num_processes,
-            shuffle_buffer=0,
-            columns=list(self.columns),
-            max_bad_fraction=self.max_bad_fraction,
+def run_finetuning(cfg: FinetuneArgs, task: FinetuneTask) -> dict[str, Any]:
+    """Fine-tune as `cfg` says; returns the results written to results.json."""
+    accelerator = build_accelerator(cfg)
+    if accelerator.is_main_process:
+        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+    with setup_errors():
+        stream = open_stream(cfg.dataset, cfg.dataset_config, cfg.split, data_files=cfg.data_files)
+        columns = task.resolve_columns(cfg, stream.features)
+        sample, overrides = task.prepare(cfg, stream.features, columns)
+        loader = train_loader(
+            cfg, stream, sample, columns, accelerator.process_index, accelerator.num_processes
         )
-        return build_dataloader(samples, 1, num_workers=self.num_workers, drop_last=False)
-
-
-def open_eval_source(
-    cfg: Any, split: str, resolve_columns: Callable[[Any, Any], tuple[str, str]], max_samples: int | None
-) -> EvalSource:
-    """The `split` of `cfg.dataset` (a fine-tuning or evaluation config) as an `EvalSource`."""
-    stream = open_stream(cfg.dataset, cfg.dataset_config, split, data_files=cfg.data_files)
-    return EvalSource(
-        stream,
-        resolve_columns(cfg, stream.features),
-        dataset_entry(cfg.dataset, cfg.dataset_config, split, cfg.dataset_name),
-        cfg.num_workers,
-        max_samples,
-        cfg.max_bad_fraction,
+        total_steps = total_steps_for(cfg, accelerator.num_processes, stream_num_examples(stream, cfg.split))
+        model = build_model(cfg, task, overrides, accelerator)
+        optimizer, scheduler = build_optimizer(cfg, model, total_steps)
+        accelerator.print(describe_param_groups(optimizer.param_groups))
+        evaluate_fn = None
+        if cfg.eval_split is not None:
+            source = open_eval_source(cfg, cfg.eval_split, task.resolve_columns, cfg.max_eval_samples)
+            evaluate_fn = task.evaluator(cfg, source, accelerator)
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        signature = run_signature(cfg, accelerator)
+        state = resume(accelerator, cfg, signature, task.critical_keys, loader)
+    return train_and_finish(
+        accelerator,
+        cfg,
+        model,
+        optimizer,
+        scheduler,
+        loader,
+        state,
+        total_steps,
+        signature,
+        evaluate_fn,
+        task.name,
     )
-
-
-# --- evaluation ---------------------------------------------------------------------------------------
-
-
-def metric_module(name: str, accelerator: Accelerator | None = None) -> types.ModuleType:
-    """The Python module `evaluate.load` built for the local metric `name` (main process first: one cache
-    write). The final numbers go through its functions, so the reported path is the `evaluate` module."""
-    from .metrics import load_metric  # imports `evaluate` (seconds): only runs that evaluate pay for it
-
-    context = accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext()
-    with context:
-        metric = load_metric(name)
-    return sys.modules[type(metric).__module__]
-
-
-def dataset_entry(dataset: str, config: str | None, split: str, name: str | None = None) -> dict[str, Any]:
-    """The "dataset" object of eval_results.json."""
-    entry = {"name": name or Path(str(dataset).rstrip("/")).name or str(dataset), "id": str(dataset)}
-    if config:
-        entry["config"] = config
-    entry["split"] = split
-    return entry
-
-
-def write_eval_results(
-    path: str | os.PathLike,
-    task: str,
-    dataset: Mapping[str, Any],
-    metrics: Mapping[str, float],
-    protocol: Mapping[str, Any],
-    num_samples: int,
-    per_category: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Write the report the model cards read (`hub_cards.cards.load_eval_results` format); returns it."""
-    report: dict[str, Any] = {
-        "task": task,
-        "dataset": dict(dataset),
-        "metrics": dict(metrics),
-        "protocol": dict(protocol),
-        "num_samples": int(num_samples),
-    }
-    if per_category is not None:
-        report["per_category"] = dict(per_category)
-    write_json(path, report)
-    return report
-
-
-class PeriodicEvaluator:
-    """The engine's `evaluate(state)` callback: `evaluate_fn(model)` gives the eval_results.json fields; it runs
-    on the unwrapped model, and the last report is kept for the final write."""
-
-    def __init__(self, accelerator: Accelerator, model: nn.Module, evaluate_fn: Callable[[nn.Module], dict]):
-        self.accelerator, self.model, self.evaluate_fn = accelerator, model, evaluate_fn
-        self.last_step: int | None = None
-        self.last_report: dict[str, Any] | None = None
-
-    def __call__(self, state: TrainerState) -> dict[str, float]:
-        self.last_report = self.evaluate_fn(self.accelerator.unwrap_model(self.model))
-        self.last_step = state.step
-        return dict(self.last_report["metrics"])
-
-    def final(self, state: TrainerState) -> dict[str, Any]:
-        """The report of the model at `state.step`, evaluating only if that step was not evaluated yet."""
-        if self.last_step != state.step:
-            self(state)
-        return self.last_report
-
-
-# --- the end of a run ---------------------------------------------------------------------------------
 
 
 def train_and_finish(
@@ -354,16 +276,14 @@ def train_and_finish(
 ) -> dict[str, Any]:
     """`engine.train_loop`, then (if training completed) OUTPUT_DIR/final with its image processor (size = crop,
     size_divisor = patch), the final evaluation in eval_results.json, and results.json via `finish_run`."""
-    output_dir = Path(cfg.output_dir)
     total_batch = cfg.per_device_batch_size * accelerator.num_processes
-    accelerator.init_trackers(
-        task, {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in signature.items()}
-    )
+    start_trackers(accelerator, task, signature)
     accelerator.print(
         f"fine-tuning ({task}) {total_steps} steps of {total_batch} images ({accelerator.num_processes} "
         f"processes, {accelerator.mixed_precision} precision), lr {cfg.lr:.3g}, starting at step {state.step}"
     )
     evaluator = PeriodicEvaluator(accelerator, model, evaluate_fn) if evaluate_fn is not None else None
+    eval_every = cfg.eval_every if evaluator is not None else None
     outcome = train_loop(
         accelerator,
         model,
@@ -375,111 +295,41 @@ def train_and_finish(
         total_steps,
         signature,
         evaluate=evaluator,
-        eval_every=cfg.eval_every if evaluator is not None else None,
+        eval_every=eval_every,
         desc=task,
     )
     extra: dict[str, Any] = {"task": task, "total_steps": total_steps, "total_batch_size": total_batch}
-    if outcome.status != "completed":
-        return finish_run(accelerator, cfg, outcome, extra)
+    if outcome.status == "completed":
+        extra.update(save_final(accelerator, cfg, model, outcome.state, evaluator, task))
+    return finish_run(accelerator, cfg, outcome, extra)
+
+
+def save_final(
+    accelerator: Accelerator,
+    cfg: FinetuneArgs,
+    model: nn.Module,
+    state: TrainerState,
+    evaluator: PeriodicEvaluator | None,
+    task: str,
+) -> dict[str, Any]:
+    """OUTPUT_DIR/final with its image processor, and the final evaluation (logged to metrics.jsonl unless the
+    last step was evaluated already) in eval_results.json; returns the fields this adds to results.json."""
+    output_dir = Path(cfg.output_dir)
     patch_size = accelerator.unwrap_model(model).config.patch_size
     processor = DenseCLViTImageProcessor(
         size={"height": cfg.crop_size[0], "width": cfg.crop_size[1]}, size_divisor=patch_size
     )
     save_model(accelerator, model, output_dir / "final", processor)
-    extra["model_dir"] = "final"
-    if evaluator is not None:
-        evaluated = evaluator.last_step == outcome.state.step
-        report = evaluator.final(outcome.state)
-        scalars = {f"eval_{name}": value for name, value in report["metrics"].items()}
-        if not evaluated:
-            with MetricsLogger(output_dir, accelerator) as metrics:
-                metrics.log(outcome.state.step, **scalars)
-        extra.update(scalars, eval_results="eval_results.json")
-        if accelerator.is_main_process:
-            write_eval_results(output_dir / "eval_results.json", task, **report)
-    return finish_run(accelerator, cfg, outcome, extra)
-
-
-# --- evaluating a saved folder ------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class EvaluateConfig:
-    """Evaluate a fine-tuned segmentation or depth model folder on a dataset split; writes eval_results.json.
-
-    Run with `python scripts/evaluate_model.py --task segmentation --model DIR --dataset DATA [--split validation]`
-    (or under `accelerate launch` to share the images over processes).
-    """
-
-    task: Literal["segmentation", "depth"] = dataclasses.field(metadata={"help": "what the model predicts"})
-    model: str = dataclasses.field(metadata={"help": "fine-tuned model folder (e.g. OUTPUT_DIR/final)"})
-    dataset: str = dataclasses.field(
-        metadata={
-            "help": "Hub id, local folder (imagefolder or parquet), save_to_disk folder, or .parquet file/glob"
-        }
-    )
-    dataset_config: str | None = _opt(None, "dataset configuration name")
-    split: str = _opt("validation", "split to evaluate")
-    data_files: list[str] | None = _opt(None, "data files passed to datasets.load_dataset")
-    dataset_name: str | None = _opt(
-        None, "dataset name in eval_results.json; default: the last part of --dataset"
-    )
-    output_dir: str | None = _opt(None, "folder for eval_results.json; default: the model folder")
-    image_column: str | None = _opt(None, "image column; default: the dataset's only other Image column")
-    label_column: str | None = _opt(None, "segmentation: label-map column; default: annotation")
-    depth_column: str | None = _opt(None, "depth: depth column; default: depth_map")
-    max_samples: int | None = _opt(None, "evaluate the first N examples only")
-    num_workers: int | None = _opt(None, "DataLoader workers per process; default: min(8, CPUs - 1)")
-    max_bad_fraction: float = _opt(0.5, "stop when more than this fraction of the examples cannot be used")
-    reduce_labels: bool = _opt(True, "segmentation: raw 0 is ignored and label k >= 1 becomes k - 1 (ADE20K)")
-    ignore_index: int | None = _opt(None, "segmentation: ignored label; default: the model's")
-    scale_bounds: tuple[int, int] = _opt(
-        (2048, 512), "segmentation: (long, short) bounds images are rescaled to fit"
-    )
-    window: int | None = _opt(None, "segmentation: sliding-window size; default: the model's image size")
-    stride: int | None = _opt(
-        None, "segmentation: sliding-window stride; default: 2/3 of the window (512 -> 341)"
-    )
-    depth_scale: float = _opt(1.0, "depth: metres per raw depth unit (1e-3 for 16-bit PNGs in millimetres)")
-    eigen_crop: bool | None = _opt(
-        None, "depth: evaluate inside the Eigen crop; default: on when --dataset names NYU"
-    )
-    eval_size: tuple[int, int] | None = _opt(
-        None, "depth: resize images to (height, width); default: the nearest multiple of the patch size"
-    )
-
-    def validate(self) -> None:
-        if not Path(self.model).is_dir() and self.output_dir is None:
-            raise ValueError(
-                f"--model {self.model} is not a local folder; set --output-dir for eval_results.json"
-            )
-        for flag, value in (
-            ("--max-samples", self.max_samples),
-            ("--window", self.window),
-            ("--stride", self.stride),
-        ):
-            if value is not None and value < 1:
-                raise ValueError(f"{flag} must be >= 1, got {value}")
-        if self.window is not None and self.stride is not None and self.stride > self.window:
-            raise ValueError(f"--stride {self.stride} must not exceed --window {self.window}")
-        if self.depth_scale <= 0:
-            raise ValueError(f"--depth-scale must be > 0, got {self.depth_scale}")
-        if min(self.scale_bounds) < 1 or self.scale_bounds[0] < self.scale_bounds[1]:
-            raise ValueError(
-                f"--scale-bounds must be (long, short) with long >= short >= 1, got {self.scale_bounds}"
-            )
-
-    def results_path(self) -> Path:
-        return Path(self.output_dir or self.model) / "eval_results.json"
-
-
-def load_finetuned(model_cls: type, folder: str) -> nn.Module:
-    """A fine-tuned task model; refuses a folder whose head would be newly initialised (e.g. an encoder)."""
-    model, info = model_cls.from_pretrained(folder, output_loading_info=True)
-    missing = _newly_initialised(sorted(info["missing_keys"]))
-    if missing:
-        raise ValueError(
-            f"{folder} holds no trained {model_cls.__name__} ({', '.join(missing)} missing); "
-            "evaluate the final/ folder of a fine-tuning run"
-        )
-    return model.eval()
+    extra: dict[str, Any] = {"model_dir": "final"}
+    if evaluator is None:
+        return extra
+    evaluated = evaluator.last_step == state.step
+    report = evaluator.final(state)
+    scalars = {f"eval_{name}": value for name, value in report["metrics"].items()}
+    if not evaluated:
+        with MetricsLogger(output_dir, accelerator) as metrics:
+            metrics.log(state.step, **scalars)
+    extra.update(scalars, eval_results="eval_results.json")
+    if accelerator.is_main_process:
+        write_eval_results(output_dir / "eval_results.json", task, **report)
+    return extra

@@ -246,20 +246,39 @@ def apply_lr_scale(groups: Iterable[dict[str, Any]], lr: float) -> list[dict[str
     return [{**g, "lr": lr * g.get("lr_scale", 1.0)} for g in groups]
 
 
+def _supported_devices() -> tuple[list[str], list[str]]:
+    """(device types with fused Adam/AdamW kernels, device types with foreach kernels) in this torch."""
+    try:
+        from torch.utils._foreach_utils import (
+            _get_foreach_kernels_supported_devices,
+            _get_fused_kernels_supported_devices,
+        )
+    except ImportError:  # a torch that moved the helpers: the kernels every torch >= 2.4 has
+        return ["cuda", "cpu"], ["cuda"]
+    return _get_fused_kernels_supported_devices(), _get_foreach_kernels_supported_devices()
+
+
 def _kernel_choice(
     groups: Sequence[dict[str, Any]], fused: bool | None, foreach: bool | None
 ) -> dict[str, Any]:
-    """Auto-pick: fused kernels when every parameter is a floating CUDA tensor, foreach otherwise on GPUs.
+    """Auto-pick when both are None: fused kernels where this torch has them for the parameters' device
+    (CUDA and, since torch 2.4, CPU), foreach kernels otherwise where available, else torch's default.
 
-    On CPU the choice is left to torch. Build the optimiser after moving the model to its device (as
-    accelerate's examples do), otherwise CPU tensors are seen here and nothing is fused.
+    Fused needs every parameter to be a floating tensor on one device type. Build the optimiser after moving
+    the model to its device (as accelerate's examples do), so that the device seen here is the one it trains
+    on. Pass ``fused=False`` (or any explicit choice) to turn the auto-pick off.
     """
+    if fused is not None or foreach is not None:
+        return {"fused": fused, "foreach": foreach}
     params = [p for g in groups for p in g["params"]]
-    on_cuda = bool(params) and all(p.device.type == "cuda" for p in params)
-    if fused is None and foreach is None and on_cuda:
-        fused = all(torch.is_floating_point(p) for p in params)
-        foreach = None if fused else True
-    return {"fused": fused, "foreach": foreach}
+    devices = {p.device.type for p in params}
+    if len(devices) != 1:
+        return {"fused": None, "foreach": None}
+    device = devices.pop()
+    fused_devices, foreach_devices = _supported_devices()
+    if device in fused_devices and all(torch.is_floating_point(p) for p in params):
+        return {"fused": True, "foreach": None}
+    return {"fused": None, "foreach": True if device in foreach_devices else None}
 
 
 def build_adamw(
@@ -270,7 +289,10 @@ def build_adamw(
     fused: bool | None = None,
     foreach: bool | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW over ``groups`` (each keeps its own ``weight_decay``), group lr = ``lr * lr_scale``."""
+    """AdamW over ``groups`` (each keeps its own ``weight_decay``), group lr = ``lr * lr_scale``.
+
+    Fused kernels wherever torch has them for the parameters' device (see ``_kernel_choice``); ``fused=False``
+    keeps torch's default (foreach on GPUs, a per-tensor loop on the CPU)."""
     groups = apply_lr_scale(groups, lr)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **_kernel_choice(groups, fused, foreach))
 

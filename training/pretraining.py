@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from ..modeling import DenseCLViTConfig, DenseCLViTForPreTraining, DenseCLViTImageProcessor
 from ..modeling.configuration_densecl_vit import PRESET_ALIASES, PRESETS
 from .config import save_config
-from .data import StreamingSamples, StreamLoader, build_dataloader, open_stream, resolve_column
+from .data import StreamLoader, open_stream, resolve_column
 from .engine import (
     CRITICAL_KEYS,
     TrainingArgs,
@@ -33,8 +33,10 @@ from .engine import (
     run_signature,
     save_model,
     setup_errors,
+    start_trackers,
     stream_num_examples,
     total_steps_for,
+    train_loader,
     train_loop,
 )
 from .optim import (
@@ -198,18 +200,7 @@ def build_data(
     make_sample = functools.partial(
         two_view_sample, column=column, transform=TwoViewTransform(augment_config(cfg))
     )
-    samples = StreamingSamples(
-        stream,
-        make_sample,
-        process_index=process_index,
-        num_processes=num_processes,
-        shuffle_buffer=cfg.shuffle_buffer,
-        seed=cfg.seed,
-        infinite=True,
-        columns=[column],
-        max_bad_fraction=cfg.max_bad_fraction,
-    )
-    loader = build_dataloader(samples, cfg.per_device_batch_size, num_workers=cfg.num_workers)
+    loader = train_loader(cfg, stream, make_sample, [column], process_index, num_processes)
     return loader, stream_num_examples(stream, cfg.split)
 
 
@@ -265,9 +256,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
         state = resume(accelerator, cfg, signature, PRETRAIN_CRITICAL_KEYS, loader)
     if accelerator.is_main_process:
         save_config(cfg, output_dir / "config.yaml")
-    accelerator.init_trackers(
-        "pretrain", {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in signature.items()}
-    )
+    start_trackers(accelerator, "pretrain", signature)
     lr = scaled_lr(cfg.lr, total_batch)
     accelerator.print(
         f"pre-training {total_steps} steps of {total_batch} images ({accelerator.num_processes} processes, "

@@ -1,4 +1,5 @@
-"""Semantic segmentation fine-tuning (ADE20K protocol): options, class names, samples, evaluation, `main`.
+"""Semantic segmentation fine-tuning (ADE20K protocol): options, class names, samples, the evaluation report,
+the task for `finetuning.run_finetuning`, and `main`.
 
 Data: any `datasets` dataset with an image column and a label-map column (`annotation` by default, as ADE20K on
 the Hub). With `--reduce-labels` (default) raw label 0 ("other") is ignored and classes k >= 1 become k - 1.
@@ -11,7 +12,7 @@ img_scale) times a random factor in `--scale-range`, a `--crop-size` crop in whi
 `--cat-max-ratio` (10 tries), flip, photometric distortion. Evaluation: rescale to fit `--scale-bounds`,
 single-scale sliding window (`--eval-window`, `--eval-stride`), logits resized to the label map; the (K, K)
 confusion matrix is summed over processes and turned into mIoU, mean accuracy, overall accuracy and per-class
-IoU by the local `evaluate` module `mean_iou`.
+IoU by the local `evaluate` module `mean_iou` (the loop: `segmentation_eval`).
 """
 
 from __future__ import annotations
@@ -24,40 +25,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import PIL.Image
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
 from ..modeling import DenseCLViTForSemanticSegmentation
-from .config import save_config
-from .data import open_stream, resolve_column
 from .dense_transforms import SegmentationAugment, SegmentationAugmentConfig, rescale_within, to_pixel_values
-from .engine import (
-    build_accelerator,
-    resume,
-    run_signature,
-    setup_errors,
-    stream_num_examples,
-    total_steps_for,
-)
+from .evaluation import EvalSource, EvaluateConfig, check_scale_bounds, open_eval_source
 from .finetuning import (
     FINETUNE_CRITICAL_KEYS,
-    EvalSource,
-    EvaluateConfig,
     FinetuneArgs,
-    build_optimizer,
-    describe_load,
-    load_finetuned,
-    load_task_model,
-    metric_module,
-    open_eval_source,
-    train_and_finish,
-    train_loader,
+    FinetuneTask,
+    PairedSample,
+    image_and_target_columns,
+    run_finetuning,
 )
-from .optim import describe_param_groups
+from .model_start import load_finetuned
 from .samples import decode_image, decode_label_map, validate_segmentation
-from .sliding_window import sliding_window_logits
+from .segmentation_eval import SegmentationProtocol, evaluate_segmentation
 
 TASK = "semantic-segmentation"
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
@@ -77,11 +63,6 @@ SEG_CRITICAL_KEYS = (
 
 def _opt(default: Any, help_text: str) -> Any:
     return dataclasses.field(default=default, metadata={"help": help_text})
-
-
-def check_scale_bounds(scale_bounds: tuple[int, int]) -> None:
-    if min(scale_bounds) < 1 or scale_bounds[0] < scale_bounds[1]:
-        raise ValueError(f"--scale-bounds must be (long, short) with long >= short >= 1, got {scale_bounds}")
 
 
 @dataclasses.dataclass
@@ -209,139 +190,72 @@ def reduce_zero_label(label: np.ndarray, ignore_index: int = 255) -> np.ndarray:
     return np.where((label == 0) | (label == ignore_index), ignore_index, label - 1)
 
 
-def _decode(example: Mapping[str, Any], columns: tuple[str, str], num_labels: int, reduce: bool, ignore: int):
-    """(RGB image, (H, W) int64 label map after reduction), or the reason to skip the example."""
-    image, label = decode_image(example[columns[0]]), decode_label_map(example[columns[1]])
-    if label is not None and reduce:
-        label = reduce_zero_label(label, ignore)
-    reason = validate_segmentation(image, label, num_labels, ignore)
-    return reason if reason is not None else (image, label)
-
-
-def segmentation_train_sample(
-    example: Mapping[str, Any],
-    rng: np.random.Generator,
-    columns: tuple[str, str],
-    num_labels: int,
-    reduce_labels: bool,
-    ignore_index: int,
-    augment: SegmentationAugment,
-) -> dict[str, torch.Tensor] | str:
-    """A stream example -> {"pixel_values" (3, h, w), "labels" (h, w) int64} at the crop size, or a skip reason."""
-    decoded = _decode(example, columns, num_labels, reduce_labels, ignore_index)
-    if isinstance(decoded, str):
-        return decoded
-    pixel_values, labels = augment(*decoded, rng)
-    return {"pixel_values": pixel_values, "labels": labels}
-
-
-def segmentation_eval_sample(
-    example: Mapping[str, Any],
-    rng: np.random.Generator,
-    columns: tuple[str, str],
-    num_labels: int,
-    reduce_labels: bool,
-    ignore_index: int,
-    scale_bounds: tuple[int, int],
-) -> dict[str, torch.Tensor] | str:
-    """{"pixel_values" (3, h, w) rescaled to fit `scale_bounds`, "labels" (H, W) at the original size}."""
-    decoded = _decode(example, columns, num_labels, reduce_labels, ignore_index)
-    if isinstance(decoded, str):
-        return decoded
-    image, label = decoded
-    return {
-        "pixel_values": to_pixel_values(rescale_within(image, scale_bounds)),
-        "labels": torch.from_numpy(label),
-    }
-
-
-# --- evaluation ---------------------------------------------------------------------------------------
-
-
 @dataclasses.dataclass(frozen=True)
-class SegmentationProtocol:
-    """Evaluation settings: sliding window and stride, rescale bounds, label convention."""
+class SegmentationDecoder:
+    """A stream example -> (RGB image, (H, W) int64 label map after reduction), or the reason to skip it."""
 
-    window: int = 512
-    stride: int = 341
-    scale_bounds: tuple[int, int] = (2048, 512)
+    columns: tuple[str, str]
+    num_labels: int
     reduce_labels: bool = True
     ignore_index: int = 255
 
-    def to_dict(self) -> dict[str, Any]:
-        """The "protocol" object of eval_results.json."""
-        return {
-            "mode": "slide",
-            "crop_size": self.window,
-            "stride": self.stride,
-            "scales": [1.0],
-            "flip": False,
-            "scale_bounds": list(self.scale_bounds),
-            "reduce_labels": self.reduce_labels,
-            "ignore_index": self.ignore_index,
-        }
+    def __call__(self, example: Mapping[str, Any]) -> tuple[PIL.Image.Image, np.ndarray] | str:
+        image, label = decode_image(example[self.columns[0]]), decode_label_map(example[self.columns[1]])
+        if label is not None and self.reduce_labels:
+            label = reduce_zero_label(label, self.ignore_index)
+        reason = validate_segmentation(image, label, self.num_labels, self.ignore_index)
+        return reason if reason is not None else (image, label)
 
 
-def segmentation_logits(
-    model: nn.Module, pixel_values: torch.Tensor, window: int | None = None, stride: int | None = None
-) -> torch.Tensor:
-    """Logits (B, K, H, W) of normalised images (B, 3, H, W): sliding window when `window` is set, else one
-    forward pass over the whole image (H, W multiples of the patch size)."""
-    if window is None:
-        return model(pixel_values=pixel_values).logits.float()
-    forward = lambda crops: model(pixel_values=crops).logits  # noqa: E731
-    return sliding_window_logits(forward, pixel_values, model.config.num_labels, window, stride or window)
+def _rescaled(
+    image: PIL.Image.Image, label: np.ndarray, rng: Any, scale_bounds: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixel_values (3, h, w) rescaled to fit `scale_bounds`, labels (H, W) at the original size)."""
+    return to_pixel_values(rescale_within(image, scale_bounds)), torch.from_numpy(label)
 
 
-def confusion_counts(
-    predictions: torch.Tensor, labels: torch.Tensor, num_labels: int, ignore_index: int
-) -> torch.Tensor:
-    """(K, K) int64 pixel counts, row = ground truth, column = prediction, of (B, H, W) maps on their device;
-    pixels labelled `ignore_index` are left out (labels are valid: `validate_segmentation` checked them)."""
-    valid = labels != ignore_index
-    index = labels[valid].long() * num_labels + predictions[valid].long()
-    return torch.bincount(index, minlength=num_labels * num_labels).reshape(num_labels, num_labels)
+def train_sample_fn(
+    cfg: FinetuneSegmentationConfig, columns: tuple[str, str], num_labels: int
+) -> PairedSample:
+    """Stream example -> {"pixel_values" (3, h, w), "labels" (h, w) int64} at the crop size, or a skip reason."""
+    augment = SegmentationAugmentConfig(
+        crop_size=cfg.crop_size,
+        scale_bounds=cfg.scale_bounds,
+        scale_range=cfg.scale_range,
+        cat_max_ratio=cfg.cat_max_ratio,
+        ignore_index=cfg.ignore_index,
+        photometric=cfg.photometric,
+    )
+    decode = SegmentationDecoder(columns, num_labels, cfg.reduce_labels, cfg.ignore_index)
+    return PairedSample(decode, SegmentationAugment(augment))
 
 
-@torch.inference_mode()
-def evaluate_segmentation(
-    model: nn.Module, loader: Any, accelerator: Accelerator, protocol: SegmentationProtocol
-) -> tuple[dict[str, Any], np.ndarray, int]:
-    """mIoU & co. of `model` over every process's share of `loader` (batches of one image).
+def eval_sample_fn(
+    columns: tuple[str, str],
+    num_labels: int,
+    reduce_labels: bool = True,
+    ignore_index: int = 255,
+    scale_bounds: tuple[int, int] = (2048, 512),
+) -> PairedSample:
+    """Stream example -> {"pixel_values" (3, h, w) rescaled to fit `scale_bounds`, "labels" (H, W) at the
+    original size}, or a skip reason."""
+    decode = SegmentationDecoder(columns, num_labels, reduce_labels, ignore_index)
+    return PairedSample(decode, functools.partial(_rescaled, scale_bounds=scale_bounds))
 
-    Returns (the `mean_iou` evaluate module's metrics of the confusion matrix summed over processes, that
-    (K, K) matrix, the number of images over all processes).
-    """
-    model.eval()
-    num_labels = model.config.num_labels
-    confusion = torch.zeros(num_labels * num_labels + 1, dtype=torch.int64, device=accelerator.device)
-    for batch in loader:
-        labels = batch["labels"].to(accelerator.device)
-        logits = segmentation_logits(
-            model, batch["pixel_values"].to(accelerator.device), protocol.window, protocol.stride
-        )
-        # (B, K, h, w) -> (B, K, H, W) at the label map's size -> class ids (B, H, W)
-        predictions = F.interpolate(
-            logits, size=labels.shape[-2:], mode="bilinear", align_corners=False
-        ).argmax(1)
-        confusion[:-1] += confusion_counts(predictions, labels, num_labels, protocol.ignore_index).ravel()
-        confusion[-1] += len(labels)
-    totals = accelerator.reduce(confusion, reduction="sum").cpu().numpy()
-    matrix = totals[:-1].reshape(num_labels, num_labels)
-    return metric_module("mean_iou", accelerator).segmentation_metrics(matrix), matrix, int(totals[-1])
+
+# --- evaluation ---------------------------------------------------------------------------------------
 
 
 def evaluation_report(
     model: nn.Module, source: EvalSource, accelerator: Accelerator, protocol: SegmentationProtocol
 ) -> dict[str, Any]:
     """Evaluate on `source`; returns the eval_results.json fields (all but "task")."""
-    sample = functools.partial(
-        segmentation_eval_sample,
-        columns=source.columns,
-        num_labels=model.config.num_labels,
-        reduce_labels=protocol.reduce_labels,
-        ignore_index=protocol.ignore_index,
-        scale_bounds=protocol.scale_bounds,
+    sample = eval_sample_fn(
+        source.columns,
+        model.config.num_labels,
+        protocol.reduce_labels,
+        protocol.ignore_index,
+        protocol.scale_bounds,
     )
     metrics, _, count = evaluate_segmentation(
         model, source.loader(sample, accelerator), accelerator, protocol
@@ -365,96 +279,40 @@ def evaluation_report(
 
 def resolve_columns(cfg: Any, features: Any) -> tuple[str, str]:
     """(image column, label column) of a stream."""
-    label_column = resolve_column(features, cfg.label_column, "label")
-    return resolve_column(features, cfg.image_column, "image", exclude=[label_column]), label_column
+    return image_and_target_columns(features, cfg.image_column, cfg.label_column, "label")
 
 
-def build_model(
-    cfg: FinetuneSegmentationConfig, id2label: Mapping[int, str]
-) -> tuple[DenseCLViTForSemanticSegmentation, dict[str, Any]]:
-    """The segmentation model on the --model start, with `id2label`'s classes, the head and drop path."""
-    model, report = load_task_model(
-        DenseCLViTForSemanticSegmentation,
-        cfg.model,
-        cfg.crop_size,
-        num_labels=len(id2label),
-        id2label=dict(id2label),
-        label2id={name: i for i, name in id2label.items()},
-        decode_head=cfg.decode_head,
-        drop_path_rate=cfg.drop_path_rate,
-        semantic_loss_ignore_index=cfg.ignore_index,
+def prepare(
+    cfg: FinetuneSegmentationConfig, features: Any, columns: tuple[str, str]
+) -> tuple[PairedSample, dict[str, Any]]:
+    """The training sample function and the model's config overrides: the classes and the head."""
+    id2label = resolve_id2label(cfg, features, columns[1])
+    overrides = {
+        "num_labels": len(id2label),
+        "id2label": dict(id2label),
+        "label2id": {name: i for i, name in id2label.items()},
+        "decode_head": cfg.decode_head,
+        "semantic_loss_ignore_index": cfg.ignore_index,
+    }
+    return train_sample_fn(cfg, columns, len(id2label)), overrides
+
+
+def evaluator(cfg: FinetuneSegmentationConfig, source: EvalSource, accelerator: Accelerator) -> Any:
+    """The periodic and final evaluation of a run: `evaluation_report` of the model on `source`."""
+    protocol = SegmentationProtocol(
+        *cfg.eval_window_and_stride(), cfg.scale_bounds, cfg.reduce_labels, cfg.ignore_index
     )
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model, report
+    return functools.partial(evaluation_report, source=source, accelerator=accelerator, protocol=protocol)
 
 
-def train_sample_fn(cfg: FinetuneSegmentationConfig, columns: tuple[str, str], num_labels: int) -> Any:
-    augment = SegmentationAugmentConfig(
-        crop_size=cfg.crop_size,
-        scale_bounds=cfg.scale_bounds,
-        scale_range=cfg.scale_range,
-        cat_max_ratio=cfg.cat_max_ratio,
-        ignore_index=cfg.ignore_index,
-        photometric=cfg.photometric,
-    )
-    return functools.partial(
-        segmentation_train_sample,
-        columns=columns,
-        num_labels=num_labels,
-        reduce_labels=cfg.reduce_labels,
-        ignore_index=cfg.ignore_index,
-        augment=SegmentationAugment(augment),
-    )
+SEGMENTATION = FinetuneTask(
+    TASK, DenseCLViTForSemanticSegmentation, SEG_CRITICAL_KEYS, resolve_columns, prepare, evaluator
+)
 
 
 def main(cfg: FinetuneSegmentationConfig) -> dict[str, Any]:
     """Fine-tune as `cfg` says; returns the results written to results.json."""
-    accelerator = build_accelerator(cfg)
-    if accelerator.is_main_process:
-        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
-    with setup_errors():
-        stream = open_stream(cfg.dataset, cfg.dataset_config, cfg.split, data_files=cfg.data_files)
-        columns = resolve_columns(cfg, stream.features)
-        id2label = resolve_id2label(cfg, stream.features, columns[1])
-        sample = train_sample_fn(cfg, columns, len(id2label))
-        loader = train_loader(
-            cfg, stream, sample, columns, accelerator.process_index, accelerator.num_processes
-        )
-        total_steps = total_steps_for(cfg, accelerator.num_processes, stream_num_examples(stream, cfg.split))
-        model, load_report = build_model(cfg, id2label)
-        accelerator.print(describe_load(cfg.model, load_report))
-        model = model.to(accelerator.device)
-        optimizer, scheduler = build_optimizer(cfg, model, total_steps)
-        accelerator.print(describe_param_groups(optimizer.param_groups))
-        evaluate_fn = None
-        if cfg.eval_split is not None:
-            source = open_eval_source(cfg, cfg.eval_split, resolve_columns, cfg.max_eval_samples)
-            protocol = SegmentationProtocol(
-                *cfg.eval_window_and_stride(),
-                cfg.scale_bounds,
-                cfg.reduce_labels,
-                cfg.ignore_index,
-            )
-            evaluate_fn = functools.partial(
-                evaluation_report, source=source, accelerator=accelerator, protocol=protocol
-            )
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-        signature = run_signature(cfg, accelerator)
-        state = resume(accelerator, cfg, signature, SEG_CRITICAL_KEYS, loader)
-    return train_and_finish(
-        accelerator,
-        cfg,
-        model,
-        optimizer,
-        scheduler,
-        loader,
-        state,
-        total_steps,
-        signature,
-        evaluate_fn,
-        TASK,
-    )
+    return run_finetuning(cfg, SEGMENTATION)
 
 
 def evaluate_folder(cfg: EvaluateConfig, accelerator: Accelerator) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -176,6 +177,8 @@ def depth_figure(
         bar = fig.colorbar(ScalarMappable(norm=Normalize(vmin, vmax), cmap=cmap), cax=cax)
         bar.set_label("depth (m)", fontsize=font_pt)
         bar.ax.tick_params(labelsize=font_pt)
+        # Metres on every tick, never an offset such as "+5" above a bar of a narrow range.
+        bar.ax.yaxis.get_major_formatter().set_useOffset(False)
 
     return np.concatenate([picture, _render_panel(picture.shape[0], draw)], axis=1)
 
@@ -208,6 +211,13 @@ def render_prediction(
     return depth_figure(prediction)
 
 
+def prediction_picture(model: Any, processor: Any, image: PIL.Image.Image) -> np.ndarray:
+    """A loaded segmentation or depth model run on one RGB image, drawn as scripts/predict.py draws it:
+    `render_prediction` of `predict_images`, (H', W', 3) uint8."""
+    prediction = predict_images(model, processor, [image])[0]
+    return render_prediction(image, prediction, model_task(model), model.config.id2label)
+
+
 def render_example_prediction(
     model_dir: str | os.PathLike,
     image: str | os.PathLike | PIL.Image.Image | np.ndarray,
@@ -219,12 +229,8 @@ def render_example_prediction(
         image = load_image(image)
     elif not isinstance(image, PIL.Image.Image):
         image = PIL.Image.fromarray(np.asarray(image))
-    image = to_rgb(image)
     model, processor = load_pretrained(model_dir, device)
-    prediction = predict_images(model, processor, [image])[0]
-    return save_png(
-        render_prediction(image, prediction, model_task(model), model.config.id2label), output_png
-    )
+    return save_png(prediction_picture(model, processor, to_rgb(image)), output_png)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -411,6 +417,7 @@ __all__ = [
     "pca_rgb",
     "plot_run_curves",
     "predict_images",
+    "prediction_picture",
     "principal_components",
     "read_metrics",
     "render_example_prediction",

@@ -1,0 +1,246 @@
+"""The model sections of the benchmark: our encoder against timm's (``encoder``) and the full pre-training
+step against the encoder's own two-view forward+backward (``pretraining_step``)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ...modeling import DenseCLViTConfig, DenseCLViTForPreTraining, DenseCLViTModel
+from ..conversion import densecl_to_timm
+from .measure import (
+    encoder_flops,
+    operator_difference,
+    pretraining_step_flops,
+    time_interleaved,
+    timing_summary,
+)
+from .options import SIZES, BenchOptions, build_config, build_timm, utilisation
+
+# --- encoder vs timm -----------------------------------------------------------------------------------
+
+
+def _encoder_pair(size: str, opts: BenchOptions) -> tuple[DenseCLViTModel, torch.nn.Module]:
+    """Our encoder and timm's of `size`, timm's loaded with our weights, both on the device in train mode
+    (dropout and drop path are 0, so train mode computes what eval mode does, and compiles once)."""
+    config = build_config(size, opts.image_size)
+    torch.manual_seed(0)
+    ours = DenseCLViTModel(config)
+    reference = build_timm(config, SIZES[size]["timm"])
+    reference.load_state_dict(densecl_to_timm(ours.state_dict()))
+    return ours.to(opts.device).train(), reference.to(opts.device).train()
+
+
+def _pass_candidates(
+    functions: dict[str, Callable], models: dict[str, torch.nn.Module], x: torch.Tensor, opts: BenchOptions
+) -> dict[str, Callable[[], None]]:
+    """`{name}_forward` (no grad) and `{name}_forward_backward` for each function (B, 3, H, W) -> (B, T, D)."""
+
+    def forward(fn: Callable) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad(), opts.autocast():
+                fn(x)
+
+        return run
+
+    def forward_backward(fn: Callable, model: torch.nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            with opts.autocast():
+                tokens = fn(x)
+            tokens.float().mean().backward()
+            model.zero_grad(set_to_none=True)
+
+        return run
+
+    candidates = {f"{name}_forward": forward(fn) for name, fn in functions.items()}
+    candidates.update({f"{n}_forward_backward": forward_backward(f, models[n]) for n, f in functions.items()})
+    return candidates
+
+
+def encoder_benchmark(size: str, opts: BenchOptions) -> list[dict[str, Any]]:
+    """Our encoder vs timm's, same weights: one row for the forward pass, one for forward+backward."""
+    ours, reference = _encoder_pair(size, opts)
+    x = torch.randn(opts.batch, 3, opts.image_size, opts.image_size, device=opts.device)
+    functions = {"ours": lambda t: ours(pixel_values=t).last_hidden_state, "timm": reference.forward_features}
+    with torch.no_grad(), opts.autocast():
+        difference = (functions["ours"](x) - functions["timm"](x)).abs().max().item()
+    with opts.autocast():
+        extra_ours, extra_timm = operator_difference(functions["ours"], functions["timm"], x[:1])
+    ours.zero_grad(set_to_none=True)
+    reference.zero_grad(set_to_none=True)
+    if opts.compile:
+        functions = {name: torch.compile(fn) for name, fn in functions.items()}
+    candidates = _pass_candidates(functions, {"ours": ours, "timm": reference}, x, opts)
+    timings = time_interleaved(candidates, opts.repeats, opts.warmup, opts.device)
+    rows = []
+    for mode in ("forward", "forward_backward"):
+        mine, theirs = timings[f"ours_{mode}"], timings[f"timm_{mode}"]
+        flops = encoder_flops(ours.config, backward=mode == "forward_backward")
+        rows.append({
+            "size": size,
+            "mode": mode,
+            "batch": opts.batch,
+            "ours_images_per_s": opts.batch / mine.median,
+            "timm_images_per_s": opts.batch / theirs.median,
+            "time_ratio": mine.median / theirs.median,
+            "min_time_ratio": min(mine.wall) / min(theirs.wall),
+            "cpu_time_ratio": mine.cpu_median / theirs.cpu_median,
+            "ours_peak_mb": mine.peak_mb,
+            "timm_peak_mb": theirs.peak_mb,
+            "flops_per_image": flops,
+            "ours_tflops": flops * opts.batch / mine.median / 1e12,
+            "ours_mfu": utilisation(flops * opts.batch / mine.median, opts),
+            "max_abs_difference": difference,
+            "extra_ops_ours": extra_ours,
+            "extra_ops_timm": extra_timm,
+            "seconds": timing_summary({"ours": mine, "timm": theirs}),
+        })  # fmt: skip
+    return rows
+
+
+# --- pre-training step vs the encoder ------------------------------------------------------------------
+
+
+def training_setup(
+    config: DenseCLViTConfig, opts: BenchOptions, accelerator: Any, dataset: str = "-"
+) -> tuple[Any, Any, Any, Any]:
+    """(options, model, AdamW, schedule) as `scripts/pretrain.py` builds them (`pretraining.build_optimizer`,
+    the training run's own optimiser builder), prepared by `accelerator`.
+
+    With --compile the encoder and the head are compiled too, so that the candidates that call them alone
+    run compiled code like the full model does.
+    """
+    from ..pretraining import PretrainConfig, build_optimizer
+
+    cfg = PretrainConfig(
+        dataset=dataset,
+        max_steps=100_000,
+        per_device_batch_size=opts.batch,
+        image_size=opts.image_size,
+        num_workers=opts.workers,
+        shuffle_buffer=64,
+        gpu_augment=opts.gpu_augment,
+    )
+    torch.manual_seed(0)
+    model = DenseCLViTForPreTraining(config).to(opts.device)
+    if opts.compile:
+        for module in (model.densecl_vit, model.projection, model):
+            module.compile()
+    optimizer, scheduler = build_optimizer(cfg, model, opts.batch, cfg.max_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    return cfg, model, optimizer, scheduler
+
+
+def _method_part_candidates(
+    model: DenseCLViTForPreTraining,
+    optimizer: Any,
+    accelerator: Any,
+    opts: BenchOptions,
+    lr: float,
+    decay: float,
+) -> dict[str, Callable[[], None]]:
+    """The method's additions to the encoder, each alone: the projection head on 2B (N + 1) tokens and the
+    normalisation + loss (forward+backward, from leaf tensors), the gradient norm + AdamW step (`optimizer`;
+    when it is fused, also an unfused AdamW over the same groups, with its own state, for comparison)."""
+    from ..optim import build_adamw, param_groups_weight_decay
+
+    config, params, size = model.config, list(model.parameters()), 2 * opts.batch
+    tokens = (config.image_size // config.patch_size) ** 2 + 1
+    hidden = torch.randn(size, tokens, config.hidden_size, device=opts.device, requires_grad=True)
+    projected = torch.randn(size, tokens, config.projection_dim, device=opts.device, requires_grad=True)
+    grads = [torch.randn_like(p) * 1e-3 for p in params]
+
+    def backward_of(forward: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            with accelerator.autocast():
+                value = forward()
+            value.float().mean().backward()
+            optimizer.zero_grad(set_to_none=True)
+            hidden.grad = projected.grad = None
+
+        return run
+
+    def loss() -> torch.Tensor:
+        embeddings = torch.nn.functional.normalize(projected, dim=-1)  # as DenseCLViTForPreTraining.embed
+        global_1, global_2 = embeddings[:, 0].chunk(2)
+        local_1, local_2 = embeddings[:, 1:].chunk(2)
+        return model.contrastive_loss(global_1, local_1, global_2, local_2)
+
+    def update(step_optimizer: Any) -> Callable[[], None]:
+        def run() -> None:
+            for param, grad in zip(params, grads):
+                param.grad = grad
+            accelerator.clip_grad_norm_(params, math.inf)
+            step_optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return run
+
+    candidates = {"head": backward_of(lambda: model.projection(hidden)), "loss": backward_of(loss)}
+    candidates["optimizer"] = update(optimizer)
+    if optimizer.defaults.get("fused"):
+        unfused = build_adamw(param_groups_weight_decay(model, decay), lr, fused=False)
+        candidates["optimizer_unfused"] = update(unfused)
+    return candidates
+
+
+def pretraining_step_benchmark(size: str, opts: BenchOptions, accelerator: Any) -> dict[str, Any]:
+    """A full pre-training step vs the encoder's two-view forward+backward, and the parts of the difference.
+
+    Candidates, same model and batch: `engine.train_step` as `scripts/pretrain.py` runs it (model, AdamW and
+    schedule from `pretraining.build_optimizer`); the encoder's forward+backward on the 2B views; and the
+    method's additions timed alone (`_method_part_candidates`).
+    """
+    from ..engine import train_step
+    from ..guards import NonFiniteGuard
+    from ..optim import scaled_lr
+
+    config = build_config(size, opts.image_size)
+    cfg, model, optimizer, scheduler = training_setup(config, opts, accelerator)
+    inner = accelerator.unwrap_model(model)
+    encoder, head = inner.densecl_vit, inner.projection
+    shape = (opts.batch, 3, opts.image_size, opts.image_size)
+    batch = {key: torch.randn(shape, device=opts.device) for key in ("pixel_values", "pixel_values_2")}
+    views, guard = torch.cat([batch["pixel_values"], batch["pixel_values_2"]]), NonFiniteGuard()
+
+    def encoder_two_view() -> None:
+        with accelerator.autocast():
+            tokens = encoder(views).last_hidden_state
+        tokens.float().mean().backward()
+        optimizer.zero_grad(set_to_none=True)
+
+    candidates = {
+        "train_step": lambda: train_step(accelerator, model, optimizer, scheduler, batch, guard),
+        "encoder_two_view": encoder_two_view,
+        **_method_part_candidates(
+            inner, optimizer, accelerator, opts, scaled_lr(cfg.lr, opts.batch), cfg.weight_decay
+        ),
+    }
+    t = time_interleaved(candidates, opts.repeats, opts.warmup, opts.device)
+    base, step = t["encoder_two_view"].median, t["train_step"].median
+    step_flops = pretraining_step_flops(config, opts.batch)
+    return {
+        "size": size,
+        "batch": opts.batch,
+        "encoder_two_view_images_per_s": opts.batch / base,
+        "train_step_images_per_s": opts.batch / step,
+        "overhead_pct": 100 * (step / base - 1),
+        "cpu_overhead_pct": 100 * (t["train_step"].cpu_median / t["encoder_two_view"].cpu_median - 1),
+        **{f"{part}_pct": 100 * t[part].median / base for part in ("head", "loss", "optimizer")},
+        "unfused_optimizer_pct": (
+            100 * t["optimizer_unfused"].median / base if "optimizer_unfused" in t else None
+        ),
+        "flop_overhead_pct": 100 * (step_flops / (2 * opts.batch * encoder_flops(config, backward=True)) - 1),
+        "encoder_parameters": sum(p.numel() for p in encoder.parameters()),
+        "head_parameters": sum(p.numel() for p in head.parameters()),
+        "encoder_two_view_peak_mb": t["encoder_two_view"].peak_mb,
+        "train_step_peak_mb": t["train_step"].peak_mb,
+        "flops_per_step": step_flops,
+        "train_step_tflops": step_flops / step / 1e12,
+        "train_step_mfu": utilisation(step_flops / step, opts),
+        "fused_adamw": bool(optimizer.defaults.get("fused")),
+        "seconds": timing_summary(t),
+    }
