@@ -18,6 +18,8 @@ from densecl_vit.training.transforms import (
     ColorParams,
     SimCLRAugmentConfig,
     TwoViewTransform,
+    _pixels,
+    _to_unit_float,
     adjust_brightness,
     adjust_contrast,
     adjust_hsv,
@@ -26,6 +28,8 @@ from densecl_vit.training.transforms import (
     apply_color_params,
     color_params_from_uniform,
     gaussian_blur,
+    host_color_params,
+    image_to_uint8_tensor,
     naive_torchvision_two_view,
     normalize,
     rgb_to_grayscale,
@@ -76,8 +80,12 @@ def ks_critical(n, m, alpha=1e-3):
     ("ours", "reference", "factor"),
     [
         (adjust_brightness, TF.adjust_brightness, 1.3),
+        (adjust_brightness, TF.adjust_brightness, 0.7),  # factors <= 1 skip the clamp
         (adjust_contrast, TF.adjust_contrast, 0.6),
+        (adjust_contrast, TF.adjust_contrast, 1.4),
         (adjust_saturation, TF.adjust_saturation, 1.7),
+        (adjust_saturation, TF.adjust_saturation, 0.5),
+        (adjust_saturation, TF.adjust_saturation, 0.0),
         (adjust_hue, TF.adjust_hue, 0.23),
         (adjust_hue, TF.adjust_hue, -0.5),
     ],
@@ -116,6 +124,24 @@ def test_hsv_saturation_scale_matches_colorsys_loop():
     torch.testing.assert_close(out, expected, atol=2e-6, rtol=0)
 
 
+@pytest.mark.parametrize("shift", [-0.5, -0.37, -0.1, 0.0, 0.05, 0.31, 0.5])
+def test_hue_matches_a_colorsys_loop_across_shifts(shift):
+    """The branch-free sextant selection against a plain per-pixel RGB -> HSV -> RGB round trip, on colours,
+    grays, primaries and two-way ties."""
+    x = random_images(batch=1, size=8, seed=7)
+    x[0, :, 3, :6] = torch.tensor(
+        [[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [0, 1, 1], [1, 0, 1]]
+    ).T.float()
+    x[0, :, 4, :3] = torch.tensor([[0.5, 0.5, 0.2], [0.2, 0.5, 0.5], [0.5, 0.2, 0.5]]).T
+    out = adjust_hue(x.clone(), shift)
+    expected = torch.empty_like(x)
+    for i in range(8):
+        for j in range(8):
+            h, sat, v = colorsys.rgb_to_hsv(*x[0, :, i, j].tolist())
+            expected[0, :, i, j] = torch.tensor(colorsys.hsv_to_rgb((h + shift) % 1.0, sat, v))
+    torch.testing.assert_close(out, expected, atol=2e-6, rtol=0)
+
+
 def test_grayscale_weights_match_torchvision():
     x = random_images()
     torch.testing.assert_close(rgb_to_grayscale(x), TF.rgb_to_grayscale(x), atol=1e-6, rtol=0)
@@ -126,10 +152,25 @@ def test_gaussian_blur_matches_torchvision_kernel(sigma):
     x = random_images(size=20)
     kernel = 2 * math.ceil(3 * sigma) + 1
     expected = TF.gaussian_blur(x, [kernel, kernel], [sigma, sigma])
-    torch.testing.assert_close(gaussian_blur(x, sigma), expected, atol=1e-6, rtol=0)
-    per_sample = gaussian_blur(x, torch.tensor([sigma, 0.3, sigma]))
+    torch.testing.assert_close(gaussian_blur(x.clone(), sigma), expected, atol=1e-6, rtol=0)
+    per_sample = gaussian_blur(x.clone(), torch.tensor([sigma, 0.3, sigma]))
     torch.testing.assert_close(per_sample[[0, 2]], expected[[0, 2]], atol=1e-6, rtol=0)
     torch.testing.assert_close(per_sample[1], TF.gaussian_blur(x[1], [3, 3], [0.3, 0.3]), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("sigma", [0.3, 2.0])
+def test_gaussian_blur_is_the_same_with_one_thread(sigma):
+    """One thread (a loader worker) pads with F.pad, several threads copy slices: both equal torchvision."""
+    x = random_images(size=20)
+    kernel = 2 * math.ceil(3 * sigma) + 1
+    expected = TF.gaussian_blur(x, [kernel, kernel], [sigma, sigma])
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            torch.testing.assert_close(gaussian_blur(x.clone(), sigma), expected, atol=1e-6, rtol=0)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_gaussian_blur_rejects_kernel_wider_than_image():
@@ -184,6 +225,17 @@ def test_cpu_and_batched_parameter_distributions_agree():
         assert len(counts) == 24
         chi2 = (((counts - n / 24) ** 2) / (n / 24)).sum().item()
         assert chi2 < 60.0  # 23 degrees of freedom: p ~ 5e-5
+
+
+def test_host_color_params_equal_the_torch_mapping():
+    """The per-sample path maps its uniforms with NumPy: the same float32 values as the torch mapping."""
+    u = np.random.default_rng(0).random((64, COLOR_UNIFORMS), dtype=np.float32)
+    views = [0, 1] * 32
+    cfg = SimCLRAugmentConfig(blur_p=(1.0, 0.1))
+    host = host_color_params(u, cfg, views)
+    reference = color_params_from_uniform(torch.from_numpy(u), cfg, views)
+    for name, value in vars(reference).items():
+        assert host[name] == value.tolist(), name
 
 
 def test_crop_box_matches_torchvision_distribution():
@@ -241,6 +293,23 @@ def test_two_view_accepts_arrays_tensors_and_non_rgb_images():
     assert gray.shape == (3, S, S)
     with pytest.raises(ValueError, match="uint8"):
         transform(array.astype(np.float32), 5)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_to_unit_float_flips_and_converts_any_layout(flip, channels_last):
+    view = torch.randint(0, 256, (1, 3, 5, 7), dtype=torch.uint8)
+    source = view.contiguous(memory_format=torch.channels_last) if channels_last else view
+    out = _to_unit_float(source, flip)
+    expected = (view.flip(-1) if flip else view).float() * (1.0 / 255.0)
+    assert out.is_contiguous() and out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+
+def test_pixels_read_rgb_images_like_image_to_uint8_tensor():
+    image = photo()
+    assert torch.equal(_pixels(image), image_to_uint8_tensor(image))
+    assert torch.equal(_pixels(image.convert("L")), image_to_uint8_tensor(image.convert("L")))
 
 
 def test_without_colour_steps_the_fast_path_is_the_normalised_crop():

@@ -6,8 +6,10 @@ and for `dense_transforms`. `apply_color_params` runs the colour policy for per-
 in each sample's own order of the four operations, then grayscale, then blur.
 
 Parameters are Python floats (one value for the batch: the cheapest form for the per-sample CPU path) or
-(B,) tensors. The functions may overwrite x, avoiding fresh buffers (on CPU, page faults on new memory
-cost as much as the arithmetic); always use the returned tensor.
+(B,) tensors. The functions may overwrite x, avoiding fresh buffers (on CPU a pass that writes fresh
+memory costs up to twice one in place); always use the returned tensor. Each operation is a short chain of
+whole-tensor passes, since a pass costs ~10 us per 224 x 224 plane on one core: clamps that cannot change a
+value in [0, 1] are skipped and blends are one lerp.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # luma weights of torchvision's rgb_to_grayscale
 
@@ -44,11 +47,11 @@ class ColorParams:
 Param = torch.Tensor | float
 
 
-def _per_sample(v: Param, x: torch.Tensor) -> Param:
-    """A float as is, a (B,) tensor as (B, 1, 1, 1) on x's device and dtype."""
+def _per_sample(v: Param, x: torch.Tensor, ndim: int = 4) -> Param:
+    """A float as is, a (B,) tensor as (B, 1, 1, 1) (`ndim` dimensions) on x's device and dtype."""
     if isinstance(v, float | int):
         return float(v)
-    return v.to(x.device, x.dtype).reshape(-1, 1, 1, 1)
+    return v.to(x.device, x.dtype).reshape(-1, *([1] * (ndim - 1)))
 
 
 @functools.lru_cache(maxsize=64)
@@ -68,20 +71,32 @@ def rgb_to_grayscale(x: torch.Tensor) -> torch.Tensor:
     )
 
 
+def _may_leave_unit_range(factor: Param) -> bool:
+    """False for a Python factor in [0, 1]: scaling or blending values in [0, 1] by it cannot leave [0, 1], so
+    the clamp after it is the identity and is skipped."""
+    return not (isinstance(factor, float | int) and 0.0 <= factor <= 1.0)
+
+
 def adjust_brightness(x: torch.Tensor, factor: Param) -> torch.Tensor:
     """Scale intensities by `factor`, clipped to [0, 1]."""
-    return x.mul_(_per_sample(factor, x)).clamp_(0.0, 1.0)
+    x = x.mul_(_per_sample(factor, x))
+    return x.clamp_(0.0, 1.0) if _may_leave_unit_range(factor) else x
 
 
 def _blend_(x: torch.Tensor, other: torch.Tensor, factor: Param) -> torch.Tensor:
-    """factor * x + (1 - factor) * other, clipped; `other` (B, 1, H, W) or (B, 1, 1, 1) is overwritten."""
-    f = _per_sample(factor, x)
-    return x.mul_(f).add_(other.mul_(1.0 - f)).clamp_(0.0, 1.0)
+    """factor * x + (1 - factor) * other, clipped; `other` (B, 1, H, W) or (B, 1, 1, 1). One lerp of x
+    towards `other` (a pass fewer than multiply-and-add)."""
+    weight = 1.0 - factor if isinstance(factor, float | int) else 1.0 - _per_sample(factor, x)
+    x = x.lerp_(other, weight)
+    return x.clamp_(0.0, 1.0) if _may_leave_unit_range(factor) else x
 
 
 def adjust_contrast(x: torch.Tensor, factor: Param) -> torch.Tensor:
-    """Blend with each image's mean luma (torchvision's adjust_contrast)."""
-    return _blend_(x, rgb_to_grayscale(x).mean(dim=(1, 2, 3), keepdim=True), factor)
+    """Blend with each image's mean luma (torchvision's adjust_contrast); the mean luma is the luma of the
+    channel means, which saves building the luma image."""
+    weights = _constant(GRAY_WEIGHTS, x.dtype, x.device).view(3, 1)
+    mean = torch.mm(x.mean(dim=(2, 3)), weights).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    return _blend_(x, mean, factor)
 
 
 def adjust_saturation(x: torch.Tensor, factor: Param) -> torch.Tensor:
@@ -89,38 +104,48 @@ def adjust_saturation(x: torch.Tensor, factor: Param) -> torch.Tensor:
     return _blend_(x, rgb_to_grayscale(x), factor)
 
 
+def _hue_value_chroma(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """HSV hue in turns (in [0, 1]; 0 where the chroma is 0), value V, chroma C and 6 C of x: four (B, H, W).
+
+    Sextant selection in the manner of Hocevar's branch-free rgb2hsv: with s1 = [g >= b] and s2 = [r is the
+    max] (ties go to r, then g, as in torchvision), hue = |offset + n / (6 C)|, where n is
+    max(g, b) - min(g, b) and offset s1 - 1 if r is the max, else n = r - min(g, b), offset 2/3 - s1.
+    Comparisons write 0/1 floats directly and lerp selects: boolean masks and `torch.where` are slow on CPU.
+    """
+    r, g, b = x.unbind(1)
+    # six planes from one allocation, each reused once dead: fresh memory costs more than the arithmetic
+    g_ge_b, gb_max, gb_min, r_max, value, chroma = x.new_empty((6, *r.shape)).unbind(0)
+    torch.ge(g, b, out=g_ge_b)
+    torch.maximum(g, b, out=gb_max)
+    torch.minimum(g, b, out=gb_min)
+    torch.ge(r, gb_max, out=r_max)
+    torch.maximum(r, gb_max, out=value)
+    torch.sub(value, torch.minimum(r, gb_min, out=chroma), out=chroma)
+    n = torch.lerp(r, gb_max, r_max, out=gb_max).sub_(gb_min)
+    two_thirds = _constant((2.0 / 3.0,), x.dtype, x.device).view(())
+    offset = torch.add(two_thirds, g_ge_b, alpha=-1.0, out=gb_min).lerp_(g_ge_b.sub_(1.0), r_max)
+    six_chroma = torch.mul(chroma, 6.0, out=g_ge_b)
+    hue = n.div_(torch.clamp_min(six_chroma, 1e-12, out=r_max)).add_(offset).abs_()
+    return hue, value, chroma, six_chroma
+
+
 def adjust_hsv(x: torch.Tensor, hue_shift: Param = 0.0, saturation_scale: Param = 1.0) -> torch.Tensor:
     """Rotate HSV hue by `hue_shift` turns (in [-0.5, 0.5]) and scale HSV saturation (clipped to 1).
 
     Equal to RGB -> HSV -> RGB as in torchvision's adjust_hue, through the closed form
-    channel = V - C clamp(2 - |k - 2|, 0, 1), k = (n + 6 H) mod 6 with n = 5, 3, 1 for R, G, B, where V is
-    the max and C the max minus the min of the pixel. Branch-free arithmetic (sign, frac): boolean masks
-    and `torch.where` are slow on CPU.
+    channel = (V - 2 C) + 6 C clamp(|frac(H + k) - 1/2|, 1/6, 1/3), k = 2, 5/3, 4/3 for R, G, B (that is
+    V - C clamp(2 - |k' - 2|, 0, 1) with k' = (n + 6 H) mod 6, n = 5, 3, 1), where V is the max and C the
+    max minus the min of the pixel; the offsets k keep the argument of frac positive. x is overwritten with
+    the result.
     """
-    r, g, b = x.unbind(1)  # (B, H, W) each
-    value = torch.maximum(r, g)
-    torch.maximum(value, b, out=value)
-    chroma = torch.minimum(r, g)
-    torch.minimum(chroma, b, out=chroma)
-    torch.sub(value, chroma, out=chroma)
-    r_max = torch.sub(r, value).sign_().add_(1.0)  # 1 where r is the maximum, else 0
-    g_max = torch.sub(g, value).sign_().add_(1.0)
-    g_max.addcmul_(g_max, r_max, value=-1.0)  # 1 where g is the maximum and r is not
-    # 6 H C = (g - b) where r is the max, (b - r) + 2 C where g is, else (r - g) + 4 C
-    h6 = torch.sub(r, g).add_(chroma, alpha=4.0)
-    h6.addcmul_(torch.sub(g, b).sub_(h6), r_max).addcmul_(
-        torch.sub(b, r).add_(chroma, alpha=2.0).sub_(h6), g_max
-    )
-    # the shifted hue in turns (any value where C = 0), then k / 6 per channel; the offsets n/6 + 1 keep
-    # it positive so that frac is the mod: (B, 3, H, W) in [0, 1)
-    turns = h6.div_(chroma.clamp_min(1e-12)).mul_(1.0 / 6.0).unsqueeze(1).add_(_per_sample(hue_shift, x))
-    k = turns.add(_constant((11 / 6, 9 / 6, 7 / 6), x.dtype, x.device)).frac_()
-    value, chroma = value.unsqueeze(1), chroma.unsqueeze(1)
-    if not (isinstance(saturation_scale, float) and saturation_scale == 1.0):
-        chroma = torch.minimum(chroma.mul_(_per_sample(saturation_scale, x)), value)
-    # V - C clamp(2 - 6 |k - 1/3|, 0, 1) = (V - 2 C) + 6 C clamp(|k - 1/3|, 1/6, 1/3)
-    k = k.sub_(1.0 / 3.0).abs_().clamp_(1.0 / 6.0, 1.0 / 3.0).mul_(chroma * 6.0)
-    return k.add_(value.sub_(chroma, alpha=2.0))
+    hue, value, chroma, six_chroma = _hue_value_chroma(x)  # (B, H, W) each
+    if not (isinstance(saturation_scale, float | int) and saturation_scale == 1.0):
+        torch.minimum(chroma.mul_(_per_sample(saturation_scale, x, ndim=3)), value, out=chroma)
+        torch.mul(chroma, 6.0, out=six_chroma)
+    offsets = _constant((2.0, 5.0 / 3.0, 4.0 / 3.0), x.dtype, x.device) + _per_sample(hue_shift, x)
+    k = torch.add(hue.unsqueeze(1), offsets, out=x).frac_().sub_(0.5).abs_().clamp_(1.0 / 6.0, 1.0 / 3.0)
+    base = value.sub_(chroma, alpha=2.0)
+    return torch.addcmul(base.unsqueeze(1), k, six_chroma.unsqueeze(1), out=x)
 
 
 def adjust_hue(x: torch.Tensor, shift: Param) -> torch.Tensor:
@@ -147,15 +172,35 @@ def _axpy_(out: torch.Tensor, y: torch.Tensor, w: Param) -> torch.Tensor:
 
 
 def _reflect_pad(x: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
-    """Reflect padding of `radius` on both ends of dimension `dim` (F.pad's "reflect" parallelises tiny
-    tensors with a grain of one, which stalls on a busy machine; slices, flips and cat do not)."""
+    """Reflect padding of `radius` on both ends of dimension `dim` (-1 or -2), a new tensor.
+
+    With one thread (a data-loading worker) this is F.pad, one call. With more, the slices are copied one by
+    one instead: F.pad's "reflect" splits even tiny tensors across threads, which stalls on a busy machine.
+    """
+    if torch.get_num_threads() == 1:
+        return F.pad(x, (radius, radius, 0, 0) if dim == -1 else (0, 0, radius, radius), mode="reflect")
     size = x.shape[dim]
-    head, tail = x.narrow(dim, 1, radius).flip(dim), x.narrow(dim, size - 1 - radius, radius).flip(dim)
-    return torch.cat([head, x, tail], dim)
+    y = x.new_empty((*x.shape[:dim], size + 2 * radius, *x.shape[dim:][1:]))
+    y.narrow(dim, radius, size).copy_(x)
+    y.narrow(dim, 0, radius).copy_(x.narrow(dim, 1, radius).flip(dim))
+    y.narrow(dim, radius + size, radius).copy_(x.narrow(dim, size - 1 - radius, radius).flip(dim))
+    return y
+
+
+def _correlate_(out: torch.Tensor, y: torch.Tensor, w: list[Param], dim: int) -> torch.Tensor:
+    """out = sum_t w[|t|] y[center + t] along `dim`, for y padded by R = len(w) - 1 at both ends; in place."""
+    radius = len(w) - 1
+    # the 2R + 1 shifted windows as views from one call (narrow costs a few us each)
+    shifted = y.as_strided((2 * radius + 1, *out.shape), (y.stride(dim), *y.stride()), y.storage_offset())
+    shifted = shifted.unbind(0)
+    torch.mul(shifted[radius], w[0], out=out)
+    for k in range(1, radius + 1):
+        _axpy_(_axpy_(out, shifted[radius + k], w[k]), shifted[radius - k], w[k])
+    return out
 
 
 def gaussian_blur(x: torch.Tensor, sigma: Param) -> torch.Tensor:
-    """Separable Gaussian blur of x (B, C, H, W), reflect padding; returns a new tensor.
+    """Separable Gaussian blur of x (B, C, H, W), reflect padding; x is overwritten with the result.
 
     Sample i's kernel has taps exp(-t^2 / (2 sigma_i^2)) for |t| <= ceil(3 sigma_i), normalised to sum 1
     (torchvision's kernel with kernel_size 2 ceil(3 sigma) + 1), applied as sums of shifted slices:
@@ -167,15 +212,8 @@ def gaussian_blur(x: torch.Tensor, sigma: Param) -> torch.Tensor:
         raise ValueError(
             f"blur radius {radius} (3 sigma) must be smaller than the image side {min(height, width)}"
         )
-    y = _reflect_pad(x, radius, -1)  # (B, C, H, W + 2 radius)
-    out = y.narrow(-1, radius, width) * w[0]
-    for k in range(1, radius + 1):
-        _axpy_(_axpy_(out, y.narrow(-1, radius + k, width), w[k]), y.narrow(-1, radius - k, width), w[k])
-    y = _reflect_pad(out, radius, -2)  # (B, C, H + 2 radius, W)
-    res = y.narrow(-2, radius, height) * w[0]
-    for k in range(1, radius + 1):
-        _axpy_(_axpy_(res, y.narrow(-2, radius + k, height), w[k]), y.narrow(-2, radius - k, height), w[k])
-    return res
+    x = _correlate_(x, _reflect_pad(x, radius, -1), w, -1)  # x is copied into the padding first
+    return _correlate_(x, _reflect_pad(x, radius, -2), w, -2)
 
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -201,9 +239,24 @@ def apply_color_params(x: torch.Tensor, p: ColorParams) -> torch.Tensor:
     return _apply_host_params(x, {k: v.tolist() for k, v in vars(p).items()})
 
 
+def _apply_one(x: torch.Tensor, p: dict) -> torch.Tensor:
+    """`apply_color_params` for a batch of one, `p` its parameters as Python values: no grouping."""
+    if p["jitter"]:
+        for op in p["order"]:
+            name, fn, identity = _JITTER_OPS[op]
+            if p[name] != identity:
+                x = fn(x, p[name])
+    if not p["grayscale"]:
+        return gaussian_blur(x, p["sigma"]) if p["blur"] else x
+    gray = rgb_to_grayscale(x)  # (1, 1, H, W)
+    return x.copy_(gaussian_blur(gray, p["sigma"]) if p["blur"] else gray)  # blur one plane, not 3 copies
+
+
 def _apply_host_params(x: torch.Tensor, host: dict[str, list]) -> torch.Tensor:
     """`apply_color_params` with the parameters as lists (ColorParams fields, one entry per sample)."""
     batch = x.shape[0]
+    if batch == 1:
+        return _apply_one(x, {k: v[0] for k, v in host.items()})
 
     def apply(x: torch.Tensor, rows: list[int], fn: Callable, name: str | None = None) -> torch.Tensor:
         if not rows:
