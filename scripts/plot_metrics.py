@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from densecl_vit.training.visualize import plot_run_curves
+from densecl_vit.training.curves import plot_run_curves
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

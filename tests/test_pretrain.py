@@ -25,7 +25,8 @@ from safetensors.torch import load_file
 from densecl_vit import DenseCLViTForPreTraining, DenseCLViTForSemanticSegmentation, DenseCLViTModel
 from densecl_vit.training.checkpoint import validate_checkpoint
 from densecl_vit.training.config import ConfigError, load_config, parse_config
-from densecl_vit.training.engine import TrainerState, TrainingArgs, cli_main, total_steps_for, train_loop
+from densecl_vit.training.engine import TrainerState, TrainingArgs, cli_main, total_steps_for
+from densecl_vit.training.loop import train_loop
 from densecl_vit.training.pretraining import PretrainConfig, build_data, build_model, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -276,7 +277,7 @@ def test_gpu_augment_path_runs_on_cpu(files, tmp_path):
 
 def test_kill_9_then_resume_equals_an_uninterrupted_run(files, reference, tmp_path, caplog):
     """kill -9 at a random step after the first checkpoint, then --resume-from latest: bit for bit."""
-    caplog.set_level("INFO", logger="densecl_vit.training.engine")
+    caplog.set_level("INFO", logger="densecl_vit.training.loop")
     out = tmp_path / "run"
     kill_after = random.randint(EVERY + 1, STEPS - 2)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

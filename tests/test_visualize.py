@@ -20,7 +20,7 @@ from densecl_vit.modeling import (
     DenseCLViTImageProcessor,
     DenseCLViTModel,
 )
-from densecl_vit.training import visualize
+from densecl_vit.training import curves, visualize
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASS_NAMES = {0: "sky", 1: "wall", 2: "cat", 3: "cup", 4: "floor"}
@@ -383,18 +383,18 @@ def test_metric_series_keeps_the_last_value_of_each_step(tmp_path):
         {"step": 3, "loss": 1.0, "eval_miou": 0.5},
     ]
     path.write_text("\n".join(map(json.dumps, records)) + "\nnot json\n")
-    series = visualize.metric_series(visualize.read_metrics(tmp_path))
+    series = curves.metric_series(curves.read_metrics(tmp_path))
     assert sorted(series) == ["eval_miou", "loss"]
     steps, values = series["loss"]
     np.testing.assert_array_equal(steps, [1, 2, 3])
     np.testing.assert_array_equal(values, [2.0, np.nan, 1.0])
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
-        visualize.read_metrics(tmp_path / "missing")
+        curves.read_metrics(tmp_path / "missing")
 
 
 def test_metric_panels_group_keys():
     keys = ["lr", "loss", "eval_loss", "images_per_s", "eval_mean_iou", "grad_norm", "loss_global"]
-    assert visualize.metric_panels(keys) == {
+    assert curves.metric_panels(keys) == {
         "loss": ["loss", "loss_global", "eval_loss"],
         "learning rate": ["lr"],
         "throughput": ["images_per_s"],

@@ -120,8 +120,8 @@ def write_eval_results(
 
 
 class PeriodicEvaluator:
-    """The engine's `evaluate(state)` callback: `evaluate_fn(model)` gives the eval_results.json fields; it runs
-    on the unwrapped model, and the last report is kept for the final write."""
+    """The `evaluate(state)` callback of `loop.train_loop`: `evaluate_fn(model)` gives the eval_results.json
+    fields; it runs on the unwrapped model, and the last report is kept for the final write."""
 
     def __init__(self, accelerator: Accelerator, model: nn.Module, evaluate_fn: Callable[[nn.Module], dict]):
         self.accelerator, self.model, self.evaluate_fn = accelerator, model, evaluate_fn

@@ -1,7 +1,7 @@
 """What the two fine-tuning scripts share: their common options, the model start (a pre-training folder, any
 DenseCL-ViT folder, a converted timm/DINO/ViT folder or a random-init preset), layer-wise lr decay optimisers,
 the training loader and its samples, and the run itself (`run_finetuning`): data, model, optimiser, resume,
-`engine.train_loop` with periodic evaluation, then final/, eval_results.json and results.json.
+`loop.train_loop` with periodic evaluation, then final/, eval_results.json and results.json.
 
 A task module (`segmentation`, `depth`) describes itself as a `FinetuneTask`: its columns, sample decoding and
 transforms, model class and config, evaluation protocol and metric (`segmentation_eval`, `depth_eval`, on top of
@@ -29,19 +29,16 @@ from .engine import (
     TrainerState,
     TrainingArgs,
     build_accelerator,
-    finish_run,
-    resume,
     run_signature,
-    save_model,
     setup_errors,
     start_trackers,
     stream_num_examples,
     total_steps_for,
     train_loader,
-    train_loop,
 )
 from .evaluation import EvalSource, PeriodicEvaluator, open_eval_source, write_eval_results
 from .evaluation import EvaluateConfig as EvaluateConfig  # evaluate_model.py's options, public here too
+from .loop import resume, train_loop
 from .model_start import describe_load, load_task_model
 from .optim import (
     build_adam,
@@ -53,6 +50,7 @@ from .optim import (
     warmup_steps_from_fraction,
 )
 from .pretraining import model_source
+from .run_end import finish_run, save_model
 from .runlog import MetricsLogger
 
 FINETUNE_CRITICAL_KEYS = (
@@ -274,7 +272,7 @@ def train_and_finish(
     evaluate_fn: Callable[[nn.Module], Any] | None,
     task: str,
 ) -> dict[str, Any]:
-    """`engine.train_loop`, then (if training completed) OUTPUT_DIR/final with its image processor (size = crop,
+    """`loop.train_loop`, then (if training completed) OUTPUT_DIR/final with its image processor (size = crop,
     size_divisor = patch), the final evaluation in eval_results.json, and results.json via `finish_run`."""
     total_batch = cfg.per_device_batch_size * accelerator.num_processes
     start_trackers(accelerator, task, signature)

@@ -1,5 +1,5 @@
 """Local-to-global contrastive pre-training: the options, and the data, model and optimiser phases of
-`scripts/pretrain.py`. The loop itself is `engine.train_loop`, shared with the fine-tuning scripts.
+`scripts/pretrain.py`. The loop itself is `loop.train_loop`, shared with the fine-tuning scripts.
 
 Outputs in ``--output-dir``: ``config.yaml`` (the resolved options, written before the first step), ``metrics.jsonl``,
 ``checkpoints/step-*``, and once training completes ``final/`` (the encoder, a `DenseCLViTModel`
@@ -28,17 +28,14 @@ from .engine import (
     CRITICAL_KEYS,
     TrainingArgs,
     build_accelerator,
-    finish_run,
-    resume,
     run_signature,
-    save_model,
     setup_errors,
     start_trackers,
     stream_num_examples,
     total_steps_for,
     train_loader,
-    train_loop,
 )
+from .loop import resume, train_loop
 from .optim import (
     build_adamw,
     cosine_with_warmup,
@@ -47,6 +44,7 @@ from .optim import (
     scaled_lr,
     warmup_steps_from_fraction,
 )
+from .run_end import finish_run, save_model
 from .samples import decode_image, validate_image
 from .transforms import BatchedColorAugment, SimCLRAugmentConfig, TwoViewTransform
 

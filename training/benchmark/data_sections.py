@@ -127,8 +127,8 @@ def end_to_end_benchmark(size: str, opts: BenchOptions, accelerator: Any, data_d
     workers decoding and augmenting). Order: model-only steps, loader steps (after draining what the
     workers prefetched meanwhile), model-only steps again; rates are images over total time.
     """
-    from ..engine import train_step
     from ..guards import NonFiniteGuard
+    from ..loop import train_step
     from ..pretraining import DeviceColorAugment, build_data
 
     drain = opts.workers * 2 + 1  # the DataLoader's prefetch queue (prefetch_factor 2 per worker) + one

@@ -190,12 +190,12 @@ def _method_part_candidates(
 def pretraining_step_benchmark(size: str, opts: BenchOptions, accelerator: Any) -> dict[str, Any]:
     """A full pre-training step vs the encoder's two-view forward+backward, and the parts of the difference.
 
-    Candidates, same model and batch: `engine.train_step` as `scripts/pretrain.py` runs it (model, AdamW and
+    Candidates, same model and batch: `loop.train_step` as `scripts/pretrain.py` runs it (model, AdamW and
     schedule from `pretraining.build_optimizer`); the encoder's forward+backward on the 2B views; and the
     method's additions timed alone (`_method_part_candidates`).
     """
-    from ..engine import train_step
     from ..guards import NonFiniteGuard
+    from ..loop import train_step
     from ..optim import scaled_lr
 
     config = build_config(size, opts.image_size)

@@ -1,0 +1,249 @@
+"""The training loop: resume a run, then train, log, evaluate and checkpoint until `total_steps`.
+
+`resume` restores a checkpoint (or seeds a fresh start), `train_step` is one optimiser update, and `train_loop`
+drives them, hands the final state to `run_end.finish_run` as a `RunOutcome`, and stops cleanly with a
+checkpoint on SIGTERM/SIGINT. The run's options and state types live in `engine`.
+
+Host syncs: the loss stays on the device and is pulled, reduced over processes, every `log_every` steps.
+The one per-step sync is `NonFiniteGuard`'s single bool, which is what lets a non-finite update be skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+
+from .checkpoint import (
+    STATE_FILE,
+    check_resume_compatible,
+    complete_checkpoints,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
+from .engine import RunOutcome, TrainerState, TrainingArgs
+from .guards import NonFiniteGuard, PreemptionHandler
+from .runlog import MetricsLogger, ThroughputMeter, progress_bar, read_json
+from .samples import DataError, SkipCounter
+
+logger = logging.getLogger(__name__)
+
+
+def resume(
+    accelerator: Accelerator,
+    args: TrainingArgs,
+    signature: Mapping[str, Any],
+    critical_keys: Sequence[str],
+    loader: Any = None,
+) -> TrainerState:
+    """Seed the per-process training RNGs, then restore `--resume-from` if it names a checkpoint.
+
+    The checkpoint's config must equal `signature` in `critical_keys` (a mismatch raises, naming them);
+    `max_steps`/`epochs` may differ. The loader (anything with `load_state_dict`) gets this process's saved
+    stream position. A fresh start in a folder that already holds checkpoints is refused.
+    """
+    set_seed(args.seed, device_specific=True)  # dropout/drop-path differ per process; overwritten by a resume
+    path = resolve_resume(args.output_dir, args.resume_from)
+    if path is None:
+        if args.resume_from is None and complete_checkpoints(args.output_dir):
+            raise ValueError(
+                f"{args.output_dir} already holds checkpoints; pass --resume-from latest or use a new --output-dir"
+            )
+        return TrainerState()
+    saved = read_json(Path(path) / STATE_FILE)
+    check_resume_compatible(saved.get("config", {}), dict(signature), critical_keys)
+    saved = load_checkpoint(accelerator, path)
+    if loader is not None:
+        loader.load_state_dict(saved["data_states"][accelerator.process_index])
+    state = TrainerState.from_dict(saved["trainer"])
+    logger.info("resumed from %s at step %d", path, state.step)
+    return state
+
+
+def train_step(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    batch: Mapping[str, torch.Tensor],
+    guard: NonFiniteGuard,
+    grad_clip: float | None = None,
+    step: int | None = None,
+) -> tuple[torch.Tensor, bool]:
+    """One update from `model(**batch).loss`; returns the detached loss (on the device) and whether it was skipped.
+
+    The gradient norm is always computed (clipping at `grad_clip`, or at infinity, which leaves the
+    gradients untouched); it is all-reduced, so every process takes the same skip decision.
+    """
+    loss = model(**batch).loss
+    accelerator.backward(loss)
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+    skipped = guard.check(loss.detach(), grad_norm=grad_norm, step=step)
+    if not skipped or accelerator.scaler is not None:
+        optimizer.step()  # fp16: the GradScaler skips non-finite updates itself and must see every step
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), skipped
+
+
+def _batches(loader: Any) -> Iterator[Any]:
+    """The loader's batches, starting a new pass whenever one ends (infinite streams never end)."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise DataError("the training data yields no complete batch; lower --per-device-batch-size")
+
+
+def _skips(loader: Any) -> SkipCounter:
+    """Skipped examples of all processes (a collective: every process must call it at the same step)."""
+    local = loader.skips.to_dict() if hasattr(loader, "skips") else SkipCounter().to_dict()
+    return SkipCounter.merge(gather_object([local]))
+
+
+def _save(
+    accelerator: Accelerator, args: TrainingArgs, state: TrainerState, loader: Any, signature: Mapping
+) -> None:
+    extra = {
+        "trainer": state.to_dict(),
+        "data_states": gather_object([loader.state_dict()]),  # one stream position per process
+        "config": dict(signature),
+    }
+    path = save_checkpoint(accelerator, args.output_dir, state.step, extra, keep_last=args.keep_last)
+    logger.info("saved checkpoint %s", path)
+
+
+class _Reporter:
+    """metrics.jsonl, accelerate trackers and the progress bar. The loss stays on the device between logs."""
+
+    def __init__(self, accelerator: Accelerator, args: TrainingArgs, total_steps: int, start: int, desc: str):
+        self.accelerator = accelerator
+        self.metrics = MetricsLogger(args.output_dir, accelerator)
+        self.bar = progress_bar(total_steps, accelerator, desc=desc, initial=start)
+        self.meter = ThroughputMeter(window=max(2, args.log_every))
+        self.loss_sum = torch.zeros((), dtype=torch.float32, device=accelerator.device)
+        self.loss_count = 0
+
+    def close(self) -> None:
+        self.bar.close()
+        self.metrics.close()
+
+    def update(self, loss: torch.Tensor, skipped: bool, images: int) -> None:
+        if not skipped:
+            self.loss_sum += loss.float()
+            self.loss_count += 1
+        self.meter.update(images)
+        self.bar.update(1)
+
+    def log(self, state: TrainerState, lr: float, loader: Any) -> None:
+        """One all-reduce and one host read of the loss since the last log (mean over steps and processes)."""
+        count = torch.tensor(float(self.loss_count), device=self.loss_sum.device)
+        total, count = self.accelerator.reduce(torch.stack([self.loss_sum, count]), reduction="sum").tolist()
+        self.loss_sum.zero_()
+        self.loss_count = 0
+        mean = total / count if count else None
+        state.last_loss = mean if mean is not None else state.last_loss
+        skips = _skips(loader)
+        record = {
+            "loss": mean,
+            "lr": lr,
+            "images_per_s": round(self.meter.rate, 2),
+            "images_seen": state.images_seen,
+            "examples_seen": skips.seen,
+            "skipped_samples": skips.skipped,
+            "skipped_by_reason": dict(skips.counts),
+            "nonfinite_skips": state.nonfinite_skips,
+        }
+        self.metrics.log(state.step, **record)
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+        self.accelerator.log(scalars, step=state.step)
+        shown = "nan" if mean is None else f"{mean:.4f}"
+        self.bar.set_postfix(loss=shown, lr=f"{lr:.3g}", img_s=f"{self.meter.rate:.1f}")
+
+    def log_eval(self, step: int, values: Mapping[str, float]) -> dict[str, float]:
+        values = {(k if k.startswith("eval_") else f"eval_{k}"): v for k, v in values.items()}
+        self.metrics.log(step, **values)
+        self.accelerator.log(values, step=step)
+        self.meter.reset()  # the evaluation pause is no training time
+        return values
+
+
+def _to_device(device: torch.device) -> Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]]:
+    return lambda batch, step: {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train_loop(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    loader: Any,
+    args: TrainingArgs,
+    state: TrainerState,
+    total_steps: int,
+    signature: Mapping[str, Any],
+    prepare_batch: Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]] | None = None,
+    evaluate: Callable[[TrainerState], dict[str, float]] | None = None,
+    eval_every: int | None = None,
+    desc: str = "train",
+) -> RunOutcome:
+    """Train from `state.step` to `total_steps`: log, evaluate, checkpoint, and stop cleanly on SIGTERM/SIGINT.
+
+    `loader` yields dicts of tensors (`model(**batch).loss` must work) and has `state_dict` /
+    `load_state_dict` (a `StreamLoader`). `prepare_batch(batch, step)` moves a batch to the device
+    (default: every tensor, non-blocking) and may augment it there. `evaluate(state)` runs on every process
+    every `eval_every` steps and at the end; its metrics are logged with an ``eval_`` prefix. Checkpoints
+    are written every `args.checkpoint_every` steps, at the end and on a stop signal, never during a run
+    of non-finite steps. Raises `TrainingDiverged` and `DataError`.
+    """
+    prepare_batch = prepare_batch or _to_device(accelerator.device)
+    guard = NonFiniteGuard(args.max_nonfinite_steps)
+    guard.num_skipped = state.nonfinite_skips
+    global_batch = args.per_device_batch_size * accelerator.num_processes
+    status, eval_metrics, due = "completed", {}, False
+    started, elapsed_before = time.perf_counter(), state.elapsed_s
+    reporter = _Reporter(accelerator, args, total_steps, state.step, desc)
+    model.train()
+    with PreemptionHandler(accelerator, sync_every=args.log_every) as preempt, contextlib.closing(reporter):
+        batches = _batches(loader)
+        while state.step < total_steps:
+            batch = prepare_batch(next(batches), state.step)
+            lr = max(group["lr"] for group in optimizer.param_groups)
+            loss, skipped = train_step(
+                accelerator, model, optimizer, scheduler, batch, guard, args.grad_clip, state.step
+            )
+            state.step += 1
+            state.images_seen += global_batch
+            state.nonfinite_skips = guard.num_skipped
+            state.elapsed_s = elapsed_before + time.perf_counter() - started
+            reporter.update(loss, skipped, global_batch)
+            last = state.step == total_steps
+            if state.step % args.log_every == 0 or last:
+                reporter.log(state, lr, loader)
+            if evaluate is not None and eval_every and (state.step % eval_every == 0 or last):
+                eval_metrics = reporter.log_eval(state.step, evaluate(state))
+                model.train()
+            due = due or state.step % args.checkpoint_every == 0 or last
+            at_checkpoint = due and guard.consecutive == 0  # never mid-streak: keep the last good checkpoints
+            stop = preempt.should_stop_at(state.step, force_sync=at_checkpoint)
+            if at_checkpoint or stop:
+                _save(accelerator, args, state, loader, signature)
+                due = False
+            if stop and not last:
+                status = "preempted"
+                accelerator.print(
+                    f"stopped by a signal at step {state.step}; resume with --resume-from latest"
+                )
+                break
+    return RunOutcome(status, state, state.last_loss, _skips(loader), eval_metrics)
