@@ -37,10 +37,10 @@ from densecl_vit.training.conversion import (
     hf_vit_config_overrides,
     hf_vit_to_densecl,
     infer_config,
-    load_state_dict_file,
     resize_to_image_size,
     timm_to_densecl,
 )
+from densecl_vit.training.weight_files import load_state_dict_file
 
 IMPORTERS = {"timm": timm_to_densecl, "hf-vit": hf_vit_to_densecl, "dino": dino_to_densecl}
 TIMM_LAYER_NORM_EPS = 1e-6

@@ -21,11 +21,11 @@ from densecl_vit.training.conversion import (
     guess_format,
     hf_vit_to_densecl,
     infer_config,
-    load_state_dict_file,
     resample_position_embeddings,
     resize_to_image_size,
     timm_to_densecl,
 )
+from densecl_vit.training.weight_files import load_state_dict_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "convert_checkpoint.py"

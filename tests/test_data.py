@@ -10,13 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from densecl_vit.training.data import (
-    StreamingSamples,
-    build_dataloader,
-    default_num_workers,
-    open_stream,
-    resolve_column,
-)
+from densecl_vit.training.data import StreamingSamples
+from densecl_vit.training.loader import build_dataloader, default_num_workers
 from densecl_vit.training.samples import (
     DataError,
     SkipCounter,
@@ -29,6 +24,7 @@ from densecl_vit.training.samples import (
     validate_image,
     validate_segmentation,
 )
+from densecl_vit.training.sources import open_stream, resolve_column
 
 NUM_LABELS = 4
 

@@ -22,10 +22,10 @@ from densecl_vit.training.conversion import (
     dino_to_densecl,
     hf_vit_to_densecl,
     infer_config,
-    load_state_dict_file,
     resample_position_embeddings,
     timm_to_densecl,
 )
+from densecl_vit.training.weight_files import load_state_dict_file
 
 ATOL = 1e-5
 

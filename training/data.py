@@ -1,9 +1,11 @@
-"""Data streams shared by pre-training and fine-tuning: open a dataset, pick its columns, and feed batches
-to a training loop so that a run can stop and resume exactly where it was.
+"""Data streams shared by pre-training and fine-tuning: feed the examples of a dataset to a training loop so
+that a run can stop and resume exactly where it was. `sources` opens the stream and picks its columns, this
+module turns one process's share of it into chunks of samples (`StreamingSamples`), and `loader` cuts the
+chunks into batches and records the stream position (`StreamLoader`, `build_dataloader`).
 
 How examples become batches:
 
-    raw stream       open_stream(): a `datasets.IterableDataset` with media decoding switched off
+    raw stream       sources.open_stream(): a `datasets.IterableDataset` with media decoding switched off
     process stream   shuffled (buffer `shuffle_buffer`, `seed`, reshuffled per epoch with `set_epoch`), then
                      `split_dataset_by_node(process_index, num_processes)`
     lanes            worker_split="chunks": one lane, the process stream; DataLoader worker w decodes the
@@ -29,10 +31,7 @@ Guarantees:
 
 from __future__ import annotations
 
-import glob
 import itertools
-import os
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -48,131 +47,9 @@ if TYPE_CHECKING:
 
 MakeSample = Callable[[dict[str, Any], np.random.Generator], "dict[str, torch.Tensor] | str"]
 
-_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
-_MAX_STREAM_SHARDS = 1024  # shards given to in-memory/on-disk Datasets turned into streams
-_COLUMN_OPTIONS = {"image": "--image-column", "label": "--label-column", "depth": "--depth-column"}
-_DEFAULT_COLUMNS = {"label": "annotation", "depth": "depth_map"}
-WORKER_SPLITS = ("auto", "chunks", "shards")
-
-
-def _dataset_to_stream(dataset: datasets.Dataset) -> datasets.IterableDataset:
-    return dataset.to_iterable_dataset(num_shards=max(1, min(len(dataset), _MAX_STREAM_SHARDS)))
-
-
-def _pick_split(splits: Mapping[str, Any], split: str, source: str) -> Any:
-    if split not in splits:
-        raise ValueError(f"split {split!r} not found in {source}; available splits: {', '.join(splits)}")
-    return splits[split]
-
-
-def _local_files(path: str) -> list[str] | None:
-    """The data files named by a file path or glob, None for a folder or a Hub id."""
-    if any(char in path for char in "*?["):
-        files = sorted(glob.glob(os.path.expanduser(path), recursive=True))
-        if not files:
-            raise ValueError(f"no files match {path!r}")
-    elif os.path.isfile(path):
-        files = [path]
-    elif os.path.isdir(path):
-        return None
-    elif (
-        path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.path.splitext(path)[1] in _FILE_BUILDERS
-    ):
-        raise ValueError(f"dataset path not found: {path!r}")
-    else:
-        return None  # "name" or "owner/name": a Hub id
-    extensions = {os.path.splitext(file)[1] for file in files}
-    if len(extensions) != 1 or not extensions <= set(_FILE_BUILDERS):
-        raise ValueError(f"{path!r} must name .parquet or .arrow files of one kind, got {sorted(extensions)}")
-    return files
-
-
-def open_stream(
-    dataset: str,
-    dataset_config: str | None = None,
-    split: str = "train",
-    streaming: bool = True,
-    data_files: str | Sequence[str] | Mapping[str, Any] | None = None,
-) -> datasets.IterableDataset:
-    """Open one split of a dataset as a `datasets.IterableDataset` with image decoding switched off.
-
-    `dataset` is a Hub id ("owner/name"), a folder (images for imagefolder, or parquet/arrow files in the
-    Hub layout such as `data/train-*.parquet`), a folder written by `save_to_disk`, or a .parquet/.arrow
-    file or glob (which then *is* the requested split). With `streaming=False` the split is loaded (and
-    cached) first, then streamed from disk. Media columns hold {"bytes", "path"} dicts: see
-    `samples.decode_image`.
-    """
-    import datasets
-
-    files = _local_files(dataset)
-    if files is not None:
-        builder = _FILE_BUILDERS[os.path.splitext(files[0])[1]]
-        stream = datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=streaming)
-    elif os.path.isdir(dataset) and any(
-        os.path.exists(os.path.join(dataset, name)) for name in ("dataset_dict.json", "state.json")
-    ):
-        stream = datasets.load_from_disk(dataset)
-        if isinstance(stream, datasets.DatasetDict):
-            stream = _pick_split(stream, split, dataset)
-    else:
-        try:
-            splits = datasets.load_dataset(dataset, dataset_config, data_files=data_files, streaming=True)
-        except (ConnectionError, FileNotFoundError) as error:
-            message = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise ValueError(f"could not open dataset {dataset!r}: {message}") from error
-        stream = _pick_split(splits, split, dataset)
-        if not streaming:
-            stream = datasets.load_dataset(dataset, dataset_config, data_files=data_files, split=split)
-    if isinstance(stream, datasets.Dataset):
-        stream = _dataset_to_stream(stream)
-    return stream.decode(False) if stream.features else stream
-
-
-def resolve_column(
-    features: datasets.Features | None,
-    requested: str | None,
-    kind: str = "image",
-    exclude: Sequence[str] = (),
-) -> str:
-    """The column to read for `kind` ("image", "label" or "depth").
-
-    A requested name must exist. Without one, "label" and "depth" default to "annotation" and "depth_map";
-    "image" auto-detects the single `datasets.Image` column not in `exclude` (pass the label/depth column
-    there for datasets whose annotations are images too).
-    """
-    import datasets
-
-    if kind not in _COLUMN_OPTIONS:
-        raise ValueError(f"kind must be one of {sorted(_COLUMN_OPTIONS)}, got {kind!r}")
-    option = _COLUMN_OPTIONS[kind]
-    if features is None:
-        raise ValueError(
-            f"the dataset does not declare its columns; set {option} and cast the dataset's features"
-        )
-    columns = ", ".join(features)
-    if requested is not None:
-        if requested not in features:
-            raise ValueError(f"{kind} column {requested!r} not found; set {option} to one of: {columns}")
-        return requested
-    if kind in _DEFAULT_COLUMNS:
-        if _DEFAULT_COLUMNS[kind] in features:
-            return _DEFAULT_COLUMNS[kind]
-        raise ValueError(f"no {kind} column {_DEFAULT_COLUMNS[kind]!r}; set {option} to one of: {columns}")
-    images = [name for name, feature in features.items() if isinstance(feature, datasets.Image)]
-    candidates = [name for name in images if name not in exclude]
-    if len(candidates) == 1:
-        return candidates[0]
-    if candidates:
-        raise ValueError(f"several image columns ({', '.join(candidates)}); set {option} to one of them")
-    raise ValueError(f"no image column among {columns}; set {option}")
-
-
-def _identity(chunk: Any) -> Any:
-    return chunk
-
 
 @dataclass
-class _Chunk:
+class Chunk:
     """Consecutive examples of one lane after `make_sample`: `items[i] = (epoch, ordinal, skip reason or None)`,
     `samples` the usable ones stacked ((K, ...) tensors, K = number of None reasons)."""
 
@@ -181,7 +58,7 @@ class _Chunk:
     items: list[tuple[int, int, str | None]]
     samples: dict[str, torch.Tensor]
 
-    def pin_memory(self) -> _Chunk:
+    def pin_memory(self) -> Chunk:
         return replace(self, samples={key: value.pin_memory() for key, value in self.samples.items()})
 
 
@@ -353,7 +230,7 @@ class StreamingSamples(torch.utils.data.IterableDataset):
         ):
             yield list(group)
 
-    def _process(self, lane: int, index: int, chunk: list[tuple[int, int, dict[str, Any]]]) -> _Chunk:
+    def _process(self, lane: int, index: int, chunk: list[tuple[int, int, dict[str, Any]]]) -> Chunk:
         items, samples = [], []
         for epoch, ordinal, example in chunk:
             rng = sample_rng(self.seed, epoch, self.process_index, lane, ordinal)
@@ -367,9 +244,9 @@ class StreamingSamples(torch.utils.data.IterableDataset):
                 raise TypeError(
                     f"make_sample must return a dict of tensors or a reason string, got {type(sample)}"
                 )
-        return _Chunk(lane, index, items, collate_samples(samples) if samples else {})
+        return Chunk(lane, index, items, collate_samples(samples) if samples else {})
 
-    def __iter__(self) -> Iterator[_Chunk]:
+    def __iter__(self) -> Iterator[Chunk]:
         if self.mode is None:
             raise RuntimeError("iterate StreamingSamples through build_dataloader(...)")
         info = torch.utils.data.get_worker_info()
@@ -391,159 +268,3 @@ class StreamingSamples(torch.utils.data.IterableDataset):
         lane = (worker + int(self._start_lane)) % self.num_lanes
         for index, chunk in enumerate(self._chunks(lane, *start[lane])):
             yield self._process(lane, index, chunk)
-
-
-def default_num_workers() -> int:
-    """min(8, CPUs available to this process - 1): one core stays with the training loop."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cpus - 1))
-
-
-class StreamLoader:
-    """Batches of a `StreamingSamples`, in an order that does not depend on DataLoader worker timing.
-
-    Iterating yields dicts of (B, ...) tensors. `state_dict()` is the position after the last batch
-    yielded; `state_dict(consumed_batches=k)` the position after batch k (counted over the whole run,
-    resumed batches included), kept for the last `history` batches.
-    """
-
-    def __init__(
-        self,
-        samples: StreamingSamples,
-        dataloader: torch.utils.data.DataLoader,
-        batch_size: int,
-        drop_last: bool = True,
-        worker_split: str = "auto",
-        history: int = 64,
-    ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if worker_split not in WORKER_SPLITS:
-            raise ValueError(f"worker_split must be one of {WORKER_SPLITS}, got {worker_split!r}")
-        self.samples, self.dataloader = samples, dataloader
-        self.batch_size, self.drop_last, self.worker_split = batch_size, drop_last, worker_split
-        self._history: deque[tuple[int, dict[str, Any]]] = deque(maxlen=history)
-
-    @property
-    def skips(self) -> SkipCounter:
-        return self.samples.position.skips
-
-    def state_dict(self, consumed_batches: int | None = None) -> dict[str, Any]:
-        if consumed_batches is None:
-            return self.samples.state_dict()
-        for batches, state in reversed(self._history):
-            if batches == consumed_batches:
-                return state
-        kept = [batches for batches, _ in self._history]
-        raise ValueError(f"no stream position kept for {consumed_batches} consumed batches (kept: {kept})")
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.samples.load_state_dict(state)
-        self._history.clear()
-
-    def _layout(self) -> tuple[str, int]:
-        workers = max(1, self.dataloader.num_workers)
-        mode, saved = self.worker_split, self.samples.position.mode
-        if mode == "auto":
-            shards = self.samples.stream.num_shards
-            divisible = workers > 1 and shards % (workers * self.samples.num_processes) == 0
-            mode = saved or ("shards" if divisible else "chunks")
-        if saved is not None and saved != mode:
-            raise ValueError(
-                f"the stream state was saved with worker_split={saved!r}; resume with the same value"
-            )
-        lanes = workers if mode == "shards" else 1
-        saved_lanes = len(self.samples.position.lanes)
-        if saved_lanes and saved_lanes != lanes:
-            raise ValueError(
-                f"the stream state was saved with worker_split='shards' and num_workers={saved_lanes}; "
-                f"resume with num_workers={saved_lanes}"
-            )
-        return mode, lanes
-
-    def _chunks_in_order(self) -> Iterator[_Chunk]:
-        """Chunks from the DataLoader, checking that each lane's chunks arrive in sequence."""
-        expected: dict[int, int] = {}
-        for index, chunk in enumerate(self.dataloader):
-            want = index if self.samples.mode == "chunks" else expected.get(chunk.lane, 0)
-            if chunk.index != want:
-                raise RuntimeError(f"chunk {chunk.index} of lane {chunk.lane} arrived when {want} was due")
-            expected[chunk.lane] = chunk.index + 1
-            yield chunk
-
-    def _emit(self, pieces: list[list[Any]]) -> dict[str, torch.Tensor]:
-        """Batch from pieces [samples, start, stop] of chunks; a whole chunk passes through uncopied."""
-        position = self.samples.position
-        position.batches += 1
-        position.samples += sum(stop - start for _, start, stop in pieces)
-        self._history.append((position.batches, position.to_dict()))
-        first, start, stop = pieces[0]
-        if len(pieces) == 1 and start == 0 and stop == len(next(iter(first.values()))):
-            return first
-        batch = {key: torch.cat([samples[key][a:b] for samples, a, b in pieces]) for key in first}
-        pinned = self.dataloader.pin_memory and torch.cuda.is_available()
-        return {key: value.pin_memory() for key, value in batch.items()} if pinned else batch
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        samples = self.samples
-        samples.configure(*self._layout(), chunk_size=self.batch_size)
-        position = samples.position
-        self._history.append((position.batches, position.to_dict()))
-        pieces: list[list[Any]] = []
-        count = 0
-        for chunk in self._chunks_in_order():
-            taken = 0
-            for item_index, (epoch, ordinal, reason) in enumerate(chunk.items):
-                position.lanes[chunk.lane] = [epoch, ordinal + 1]
-                position.skips.add(reason)
-                if reason is not None:
-                    position.skips.check(samples.min_seen, samples.max_bad_fraction)
-                    continue
-                if pieces and pieces[-1][0] is chunk.samples:
-                    pieces[-1][2] += 1
-                else:
-                    pieces.append([chunk.samples, taken, taken + 1])
-                taken, count = taken + 1, count + 1
-                if count == self.batch_size:
-                    rest = item_index + 1 < len(chunk.items)
-                    position.next_lane = chunk.lane if rest else (chunk.lane + 1) % samples.num_lanes
-                    yield self._emit(pieces)
-                    pieces, count = [], 0
-        if pieces and not self.drop_last:
-            yield self._emit(pieces)
-        samples.set_epoch(max(epoch for epoch, _ in position.lanes) + 1)
-
-
-def build_dataloader(
-    samples: StreamingSamples,
-    batch_size: int,
-    num_workers: int | None = None,
-    pin_memory: bool | None = None,
-    prefetch_factor: int | None = 2,
-    persistent_workers: bool = False,
-    drop_last: bool = True,
-    worker_split: str = "auto",
-) -> StreamLoader:
-    """A `StreamLoader` of `batch_size` batches over `samples`.
-
-    `num_workers=None` uses `default_num_workers()`, `pin_memory=None` pins only when CUDA is available.
-    `worker_split` "auto" picks "shards" when the stream's shards divide evenly over all workers of all
-    processes, else "chunks" (see the module docstring for what each guarantees). Do not pass the result
-    to `accelerator.prepare`: it already holds only this process's share.
-    """
-    num_workers = default_num_workers() if num_workers is None else num_workers
-    pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-    dataloader = torch.utils.data.DataLoader(
-        samples,
-        batch_size=None,  # chunks are already stacked in the workers
-        collate_fn=_identity,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        prefetch_factor=prefetch_factor if num_workers > 0 else None,
-        persistent_workers=persistent_workers and num_workers > 0,
-        in_order=True,  # round-robin over workers: the order the chunk assignment relies on
-        # Each new iterator draws a seed from this generator; a private one keeps the global RNG (drop path,
-        # dropout) untouched, so a resumed run, which starts a new iterator, repeats the uninterrupted one.
-        generator=torch.Generator(),
-    )
-    return StreamLoader(samples, dataloader, batch_size, drop_last=drop_last, worker_split=worker_split)

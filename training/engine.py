@@ -37,8 +37,9 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 
 from .config import config_to_dict, run_cli
-from .data import StreamingSamples, StreamLoader, build_dataloader
+from .data import StreamingSamples
 from .guards import TrainingDiverged
+from .loader import StreamLoader, build_dataloader
 from .samples import DataError, SkipCounter
 
 T = TypeVar("T")

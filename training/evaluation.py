@@ -19,9 +19,11 @@ from typing import Any, Literal
 from accelerate import Accelerator
 from torch import nn
 
-from .data import StreamingSamples, StreamLoader, build_dataloader, open_stream
+from .data import StreamingSamples
 from .engine import TrainerState
+from .loader import StreamLoader, build_dataloader
 from .runlog import write_json
+from .sources import open_stream
 
 
 def _opt(default: Any, help_text: str) -> Any:

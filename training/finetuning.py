@@ -23,7 +23,6 @@ from torch import nn
 
 from ..modeling import DenseCLViTImageProcessor
 from .config import save_config
-from .data import StreamLoader, open_stream, resolve_column
 from .engine import (
     CRITICAL_KEYS,
     TrainerState,
@@ -38,6 +37,7 @@ from .engine import (
 )
 from .evaluation import EvalSource, PeriodicEvaluator, open_eval_source, write_eval_results
 from .evaluation import EvaluateConfig as EvaluateConfig  # evaluate_model.py's options, public here too
+from .loader import StreamLoader
 from .loop import resume, train_loop
 from .model_start import describe_load, load_task_model
 from .optim import (
@@ -52,6 +52,7 @@ from .optim import (
 from .pretraining import model_source
 from .run_end import finish_run, save_model
 from .runlog import MetricsLogger
+from .sources import open_stream, resolve_column
 
 FINETUNE_CRITICAL_KEYS = (
     *CRITICAL_KEYS,

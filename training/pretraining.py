@@ -23,7 +23,6 @@ from accelerate import Accelerator
 from ..modeling import DenseCLViTConfig, DenseCLViTForPreTraining, DenseCLViTImageProcessor
 from ..modeling.configuration_densecl_vit import PRESET_ALIASES, PRESETS
 from .config import save_config
-from .data import StreamLoader, open_stream, resolve_column
 from .engine import (
     CRITICAL_KEYS,
     TrainingArgs,
@@ -35,6 +34,7 @@ from .engine import (
     total_steps_for,
     train_loader,
 )
+from .loader import StreamLoader
 from .loop import resume, train_loop
 from .optim import (
     build_adamw,
@@ -46,6 +46,7 @@ from .optim import (
 )
 from .run_end import finish_run, save_model
 from .samples import decode_image, validate_image
+from .sources import open_stream, resolve_column
 from .transforms import BatchedColorAugment, SimCLRAugmentConfig, TwoViewTransform
 
 PRETRAIN_CRITICAL_KEYS = (

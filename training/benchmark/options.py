@@ -145,7 +145,7 @@ def _check_args(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 
 def resolve_options(args: argparse.Namespace) -> BenchOptions:
     """Defaults by device and --quick; one-line ValueErrors for impossible values."""
-    from ..data import default_num_workers
+    from ..loader import default_num_workers
 
     sizes, sections = _check_args(args)
     cuda, quick = args.device == "cuda", args.quick
