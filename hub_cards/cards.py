@@ -92,7 +92,7 @@ BASE_MODEL_KEYS = (
     "encoder",
     "base_model",
 )
-DATASET_KEYS = ("dataset", "dataset_name", "train_dataset", "dataset_id")
+DATASET_KEYS = ("dataset", "train_dataset", "dataset_id")  # `dataset_name` is a display name, not an id
 CREDENTIAL_KEY = re.compile(r"token|secret|password|passwd|api_?key|credential", re.IGNORECASE)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _EVAL_KEYS = {"task", "dataset", "metrics", "protocol", "num_samples", "per_category"}
@@ -310,7 +310,8 @@ def eval_results_metadata(report: EvalReport) -> list[EvalResult]:
         EvalResult(
             task_type=EVAL_TASK_TYPES[report.task],
             task_name=report.task.replace("-", " ").capitalize(),
-            dataset_type=report.dataset_id,
+            # The Hub reads `type` as a dataset id: a local folder is named by its display name instead.
+            dataset_type=report.dataset_id if _looks_like_hub_id(report.dataset_id) else report.dataset_name,
             dataset_name=report.dataset_name,
             dataset_config=report.dataset_config,
             dataset_split=report.dataset_split,
@@ -378,7 +379,8 @@ def render_model_card(
     tags = ["densecl-vit", "vision-transformer", "self-supervised", "dense-prediction"]
     if inputs.fmt == "remote-code":
         tags.insert(0, "custom_code")
-    datasets = list(dict.fromkeys([*inputs.datasets, *([report.dataset_id] if report else [])]))
+    evaluated_on = [report.dataset_id] if report and _looks_like_hub_id(report.dataset_id) else []
+    datasets = list(dict.fromkeys([*inputs.datasets, *evaluated_on]))
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag=task.pipeline_tag,

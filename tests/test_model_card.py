@@ -90,6 +90,17 @@ def test_depth_card_reports_depth_metrics(tmp_path):
     assert "| AbsRel ↓ | 0.1234 |" in card.text and "| δ < 1.25 ↑ | 0.8510 |" in card.text
 
 
+def test_card_metadata_names_no_local_folder_as_a_hub_dataset(tmp_path):
+    local = tmp_path / "scenes"
+    local.mkdir()
+    report = SEG_REPORT | {"dataset": {"name": "synthetic-scenes", "id": str(local), "split": "validation"}}
+    inputs = _inputs(datasets=training_sources({"dataset": str(local), "dataset_name": "synthetic-scenes"})[2])
+    card = _round_trip(render_model_card(inputs, eval_results=_report(tmp_path, report)), tmp_path)
+    assert card.data.datasets is None
+    assert {r.dataset_type for r in card.data.eval_results} == {"synthetic-scenes"}
+    assert str(local) in card.text  # the card's text still says where the evaluation data was
+
+
 def test_card_without_report_has_no_metrics(tmp_path):
     card = _round_trip(render_model_card(_inputs()), tmp_path)
     assert card.data.eval_results is None and "model-index" not in card.content
