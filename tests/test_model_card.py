@@ -94,7 +94,9 @@ def test_card_metadata_names_no_local_folder_as_a_hub_dataset(tmp_path):
     local = tmp_path / "scenes"
     local.mkdir()
     report = SEG_REPORT | {"dataset": {"name": "synthetic-scenes", "id": str(local), "split": "validation"}}
-    inputs = _inputs(datasets=training_sources({"dataset": str(local), "dataset_name": "synthetic-scenes"})[2])
+    inputs = _inputs(
+        datasets=training_sources({"dataset": str(local), "dataset_name": "synthetic-scenes"})[2]
+    )
     card = _round_trip(render_model_card(inputs, eval_results=_report(tmp_path, report)), tmp_path)
     assert card.data.datasets is None
     assert {r.dataset_type for r in card.data.eval_results} == {"synthetic-scenes"}
