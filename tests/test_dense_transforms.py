@@ -74,7 +74,8 @@ def test_crop_and_flip_keep_image_and_labels_aligned(seed):
 @pytest.mark.parametrize("seed", range(6))
 def test_rescaled_image_and_labels_stay_aligned(seed):
     """With random rescaling (x0.5 to x1.33 here), the colour equals the label's colour wherever the 5x5
-    label neighbourhood is uniform; elsewhere bilinear blending across a class boundary is expected."""
+    label neighbourhood is uniform (elsewhere bilinear blending across a class boundary is expected), and
+    nearly everywhere."""
     label = block_labels(48, 64, block=16, seed=seed)
     x, y = seg_augment(scale_range=(0.75, 2.0))(painted(label), label, np.random.default_rng(seed))
     colors, y = to_uint8(x), y.numpy()
@@ -83,8 +84,9 @@ def test_rescaled_image_and_labels_stay_aligned(seed):
     padded = np.pad(y, 2, constant_values=-1)  # pixels near the crop border blend with unseen ones
     windows = np.lib.stride_tricks.sliding_window_view(padded, (5, 5))
     interior = valid & (windows.min((-2, -1)) == windows.max((-2, -1)))
-    assert interior.sum() > 0.2 * valid.sum()
+    assert interior.sum() > 0.3 * valid.sum()
     assert matches[interior].all()
+    assert matches[valid].mean() > 0.8
 
 
 def test_padding_uses_zero_pixels_and_ignore_labels():

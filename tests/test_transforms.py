@@ -12,31 +12,33 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision.transforms import v2
 
-from densecl_vit.training.transforms import (
-    COLOR_UNIFORMS,
-    BatchedColorAugment,
+from densecl_vit.training.color_ops import (
     ColorParams,
-    SimCLRAugmentConfig,
-    TwoViewTransform,
-    _pixels,
-    _to_unit_float,
     adjust_brightness,
     adjust_contrast,
     adjust_hsv,
     adjust_hue,
     adjust_saturation,
     apply_color_params,
-    color_params_from_uniform,
     gaussian_blur,
+    normalize,
+    rgb_to_grayscale,
+    to_float_batch,
+    to_float_hwc,
+)
+from densecl_vit.training.transforms import (
+    COLOR_UNIFORMS,
+    BatchedColorAugment,
+    SimCLRAugmentConfig,
+    TwoViewTransform,
+    _pixels,
+    color_params_from_uniform,
     host_color_params,
     image_to_uint8_tensor,
     naive_torchvision_two_view,
-    normalize,
-    rgb_to_grayscale,
     sample_color_params,
     sample_color_params_torch,
     sample_crop_box,
-    to_float_batch,
 )
 
 S = 32
@@ -297,10 +299,10 @@ def test_two_view_accepts_arrays_tensors_and_non_rgb_images():
 
 @pytest.mark.parametrize("flip", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_to_unit_float_flips_and_converts_any_layout(flip, channels_last):
+def test_to_float_hwc_flips_and_converts_any_layout(flip, channels_last):
     view = torch.randint(0, 256, (1, 3, 5, 7), dtype=torch.uint8)
     source = view.contiguous(memory_format=torch.channels_last) if channels_last else view
-    out = _to_unit_float(source, flip)
+    out = to_float_hwc(source[0].permute(1, 2, 0).numpy(), flip)  # (H, W, 3) with the view's strides
     expected = (view.flip(-1) if flip else view).float() * (1.0 / 255.0)
     assert out.is_contiguous() and out.dtype == torch.float32
     torch.testing.assert_close(out, expected, atol=0, rtol=0)

@@ -3,7 +3,8 @@
 Brightness, contrast, saturation and hue as torchvision defines them, grayscale, Gaussian blur and
 normalisation, written once for both paths of `transforms` (per sample on the CPU, batched on any device)
 and for `dense_transforms`. `apply_color_params` runs the colour policy for per-sample `ColorParams`: jitter
-in each sample's own order of the four operations, then grayscale, then blur.
+in each sample's own order of the four operations, then grayscale, then blur (`apply_sample_color` for one
+image with its parameters as Python values).
 
 Parameters are Python floats (one value for the batch: the cheapest form for the per-sample CPU path) or
 (B,) tensors. The functions may overwrite x, avoiding fresh buffers (on CPU a pass that writes fresh
@@ -16,9 +17,11 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -236,35 +239,17 @@ def apply_color_params(x: torch.Tensor, p: ColorParams) -> torch.Tensor:
     Returns a float tensor in [0, 1]; x may be overwritten. Samples are grouped on the host from `p`
     (any device); each group's parameters go to x's device as one small tensor.
     """
-    return _apply_host_params(x, {k: v.tolist() for k, v in vars(p).items()})
-
-
-def _apply_one(x: torch.Tensor, p: dict) -> torch.Tensor:
-    """`apply_color_params` for a batch of one, `p` its parameters as Python values: no grouping."""
-    if p["jitter"]:
-        for op in p["order"]:
-            name, fn, identity = _JITTER_OPS[op]
-            if p[name] != identity:
-                x = fn(x, p[name])
-    if not p["grayscale"]:
-        return gaussian_blur(x, p["sigma"]) if p["blur"] else x
-    gray = rgb_to_grayscale(x)  # (1, 1, H, W)
-    return x.copy_(gaussian_blur(gray, p["sigma"]) if p["blur"] else gray)  # blur one plane, not 3 copies
-
-
-def _apply_host_params(x: torch.Tensor, host: dict[str, list]) -> torch.Tensor:
-    """`apply_color_params` with the parameters as lists (ColorParams fields, one entry per sample)."""
+    host = {k: v.tolist() for k, v in vars(p).items()}
     batch = x.shape[0]
     if batch == 1:
-        return _apply_one(x, {k: v[0] for k, v in host.items()})
+        return apply_sample_color(x, {k: v[0] for k, v in host.items()})
 
     def apply(x: torch.Tensor, rows: list[int], fn: Callable, name: str | None = None) -> torch.Tensor:
         if not rows:
             return x
         args = []
         if name is not None:
-            values = [host[name][i] for i in rows]
-            args.append(values[0] if batch == 1 else torch.tensor(values, dtype=x.dtype, device=x.device))
+            args.append(torch.tensor([host[name][i] for i in rows], dtype=x.dtype, device=x.device))
         if len(rows) == batch:
             return fn(x, *args)
         idx = torch.tensor(rows, device=x.device)
@@ -278,6 +263,34 @@ def _apply_host_params(x: torch.Tensor, host: dict[str, list]) -> torch.Tensor:
             x = apply(x, rows, fn, name)
     x = apply(x, [i for i in range(batch) if host["grayscale"][i]], lambda t: t.copy_(rgb_to_grayscale(t)))
     return apply(x, [i for i in range(batch) if host["blur"][i]], gaussian_blur, "sigma")
+
+
+def apply_sample_color(x: torch.Tensor, p: Mapping[str, Any]) -> torch.Tensor:
+    """`apply_color_params` for one image x (1, 3, H, W), `p` holding its value of each `ColorParams` field
+    as a Python value (`order` a list): operations get Python floats, and a blurred grayscale image is
+    blurred as one plane rather than three equal ones."""
+    if p["jitter"]:
+        for op in p["order"]:
+            name, fn, identity = _JITTER_OPS[op]
+            if p[name] != identity:
+                x = fn(x, p[name])
+    if not p["grayscale"]:
+        return gaussian_blur(x, p["sigma"]) if p["blur"] else x
+    gray = rgb_to_grayscale(x)  # (1, 1, H, W)
+    return x.copy_(gaussian_blur(gray, p["sigma"]) if p["blur"] else gray)
+
+
+def to_float_hwc(pixels: np.ndarray, flip: bool = False) -> torch.Tensor:
+    """uint8 (H, W, 3) pixels of any strides -> contiguous float32 (1, 3, H, W) in [0, 1], mirrored left-right
+    if `flip`.
+
+    NumPy's strided copy does the flip (a negative stride) and the channel deinterleave in one pass; torch
+    would copy the flip first.
+    """
+    height, width, channels = pixels.shape
+    out = torch.empty((1, channels, height, width), dtype=torch.float32)
+    np.copyto(out[0].numpy(), (pixels[:, ::-1] if flip else pixels).transpose(2, 0, 1), casting="unsafe")
+    return out.mul_(1.0 / 255.0)
 
 
 def to_float_batch(images: torch.Tensor) -> torch.Tensor:
@@ -297,8 +310,10 @@ __all__ = [
     "adjust_hue",
     "adjust_saturation",
     "apply_color_params",
+    "apply_sample_color",
     "gaussian_blur",
     "normalize",
     "rgb_to_grayscale",
     "to_float_batch",
+    "to_float_hwc",
 ]

@@ -21,14 +21,29 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, adjust_hsv, normalize, to_float_batch
+from .color_ops import adjust_hsv, normalize, to_float_hwc
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 CROP_ATTEMPTS = 10
 
 
-def _to_float(image: PIL.Image.Image) -> torch.Tensor:
-    """RGB image -> (1, 3, H, W) float32 in [0, 1]."""
-    return to_float_batch(torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)[None])
+def _to_float(image: PIL.Image.Image, flip: bool = False) -> torch.Tensor:
+    """RGB image -> (1, 3, H, W) float32 in [0, 1], mirrored left-right if `flip`."""
+    return to_float_hwc(np.asarray(image, dtype=np.uint8), flip)
+
+
+def _crop_target(target: np.ndarray, box: tuple[int, int, int, int], flip: bool, dtype: type) -> torch.Tensor:
+    """The (top, left, bottom, right) crop of an (H, W) target as a new `dtype` tensor, mirrored if `flip`."""
+    top, left, bottom, right = box
+    crop = target[top:bottom, left:right]
+    return torch.from_numpy(np.ascontiguousarray(crop[:, ::-1] if flip else crop, dtype=dtype))
+
+
+def _crop_image(image: PIL.Image.Image, box: tuple[int, int, int, int], flip: bool) -> torch.Tensor:
+    """The (top, left, bottom, right) crop of an RGB image as `_to_float` gives it (only the crop is
+    converted)."""
+    top, left, bottom, right = box
+    return _to_float(image.crop((left, top, right, bottom)), flip)
 
 
 def _resize_pair(
@@ -153,14 +168,12 @@ class SegmentationAugment:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
         image, label = self._rescale(image, label, rng)
-        top, left, bottom, right = self._crop(label, rng)
-        x = _to_float(image)[:, :, top:bottom, left:right]
-        y = torch.from_numpy(np.ascontiguousarray(label[top:bottom, left:right])).long()
-        if rng.random() < cfg.flip_p:
-            x, y = x.flip(-1), y.flip(-1)
+        box = self._crop(label, rng)
+        flip = rng.random() < cfg.flip_p
+        x, y = _crop_image(image, box, flip), _crop_target(label, box, flip, np.int64)
         if cfg.photometric:
-            x = photometric_distortion(x.contiguous(), rng, cfg)
-        x = normalize(x.contiguous(), cfg.mean, cfg.std)[0]
+            x = photometric_distortion(x, rng, cfg)
+        x = normalize(x, cfg.mean, cfg.std)[0]
         pad_h, pad_w = cfg.crop_size[0] - x.shape[1], cfg.crop_size[1] - x.shape[2]
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h), value=0.0)
@@ -230,12 +243,10 @@ class DepthAugment:
             image, depth = _resize_pair(
                 image, depth, (int(np.ceil(width * scale)), int(np.ceil(height * scale)))
             )
-        top, left, bottom, right = _crop_box(rng, depth.shape[0], depth.shape[1], cfg.crop_size)
-        x = _to_float(image)[:, :, top:bottom, left:right]
-        y = torch.from_numpy(np.ascontiguousarray(depth[top:bottom, left:right], dtype=np.float32))
-        if rng.random() < cfg.flip_p:
-            x, y = x.flip(-1), y.flip(-1)
+        box = _crop_box(rng, depth.shape[0], depth.shape[1], cfg.crop_size)
+        flip = rng.random() < cfg.flip_p
+        x, y = _crop_image(image, box, flip), _crop_target(depth, box, flip, np.float32)
         if cfg.color_jitter:
-            x = self._jitter(x.contiguous(), rng)
+            x = self._jitter(x, rng)
         y = mask_invalid_depth(y, cfg.min_depth, cfg.max_depth)
-        return normalize(x.contiguous(), cfg.mean, cfg.std)[0], y
+        return normalize(x, cfg.mean, cfg.std)[0], y

@@ -10,11 +10,12 @@ implementation of the colour math, `color_ops`, written for batches (B, 3, H, W)
   `BatchedColorAugment` applies jitter, grayscale, blur and normalisation to whole batches on any device.
 
 Random parameters come from one uniform draw per sample, `COLOR_UNIFORMS` numbers wide, mapped by
-`color_params_from_uniform`; the CPU path takes the uniforms from a NumPy generator
-(`sample_color_params`), the batched path from a torch generator (`sample_color_params_torch`), so both
-have the same parameter distributions. Jitter applies its four operations in a random order per sample,
-as torchvision's ColorJitter does. Nothing here reads global random state: a sample's views are a pure
-function of the generator (or seed) passed in, e.g. ``np.random.default_rng([seed, index])``.
+`color_params_from_uniform`; the CPU path takes the uniforms from a NumPy generator (`sample_color_params`;
+`host_color_params` maps them as `TwoViewTransform` does), the batched path from a torch generator
+(`sample_color_params_torch`), so both have the same parameter distributions. Jitter applies its four
+operations in a random order per sample, as torchvision's ColorJitter does. Nothing here reads global
+random state: a sample's views are a pure function of the generator (or seed) passed in, e.g.
+``np.random.default_rng([seed, index])``.
 """
 
 from __future__ import annotations
@@ -30,20 +31,12 @@ from PIL import Image
 from torch import nn
 
 from .color_ops import (
-    GRAY_WEIGHTS,
     ColorParams,
-    Param,
-    _apply_host_params,
-    adjust_brightness,
-    adjust_contrast,
-    adjust_hsv,
-    adjust_hue,
-    adjust_saturation,
     apply_color_params,
-    gaussian_blur,
+    apply_sample_color,
     normalize,
-    rgb_to_grayscale,
     to_float_batch,
+    to_float_hwc,
 )
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -130,21 +123,28 @@ def make_rng(rng: RngLike) -> np.random.Generator:
 
 
 def _uniform_fields(
-    u: torch.Tensor | np.ndarray, blur_p: torch.Tensor | np.ndarray, cfg: SimCLRAugmentConfig
+    u: torch.Tensor | np.ndarray, cfg: SimCLRAugmentConfig, view: int | Sequence[int]
 ) -> dict[str, torch.Tensor | np.ndarray]:
-    """The mapping of uniforms u (n, COLOR_UNIFORMS) float32 to the `ColorParams` fields, for torch tensors
-    and NumPy arrays alike (the same float32 arithmetic); `blur_p` (n,) holds each row's blur probability."""
+    """The mapping of uniforms u (n, COLOR_UNIFORMS) to the `ColorParams` fields of view 0 or 1 (one view for
+    all rows, or one per row), for torch tensors and NumPy arrays alike: the same float32 arithmetic."""
+    if u.ndim != 2 or u.shape[1] != COLOR_UNIFORMS:
+        raise ValueError(f"u must have shape (n, {COLOR_UNIFORMS}), got {tuple(u.shape)}")
+    views = [view] * u.shape[0] if isinstance(view, int) else list(view)
+    if len(views) != u.shape[0] or not set(views) <= {0, 1}:
+        raise ValueError(f"view must be 0, 1 or one of them per row of u, got {view}")
+    blur_p = [cfg.blur_p[v] for v in views]  # each row's blur probability
+    # the order of the four jitter operations is the argsort of iid uniforms: a uniformly random permutation
+    if isinstance(u, torch.Tensor):
+        u, blur_p = u.float(), torch.tensor(blur_p, device=u.device)
+        order = u[:, 5:9].argsort(dim=1, stable=True)
+    else:
+        u, blur_p = u.astype(np.float32, copy=False), np.array(blur_p, dtype=np.float32)
+        order = u[:, 5:9].argsort(1, kind="stable")
 
     def factor(col: int, strength: float) -> torch.Tensor | np.ndarray:
         low = max(0.0, 1.0 - strength)
         return low + (1.0 + strength - low) * u[:, col]
 
-    keys = u[:, 5:9]  # argsort of iid uniforms: a uniformly random permutation
-    order = (
-        keys.argsort(axis=1, stable=True)
-        if isinstance(keys, torch.Tensor)
-        else keys.argsort(1, kind="stable")
-    )
     s_lo, s_hi = cfg.blur_sigma
     return {
         "jitter": u[:, 0] < cfg.jitter_p,
@@ -159,32 +159,18 @@ def _uniform_fields(
     }
 
 
-def _check_uniforms(u: torch.Tensor | np.ndarray, view: int | Sequence[int]) -> list[int]:
-    """The view of each row of u (n, COLOR_UNIFORMS)."""
-    if u.ndim != 2 or u.shape[1] != COLOR_UNIFORMS:
-        raise ValueError(f"u must have shape (n, {COLOR_UNIFORMS}), got {tuple(u.shape)}")
-    views = [view] * u.shape[0] if isinstance(view, int) else list(view)
-    if len(views) != u.shape[0] or not set(views) <= {0, 1}:
-        raise ValueError(f"view must be 0, 1 or one of them per row of u, got {view}")
-    return views
-
-
 def color_params_from_uniform(
     u: torch.Tensor, cfg: SimCLRAugmentConfig, view: int | Sequence[int]
 ) -> ColorParams:
     """Map uniforms u (n, COLOR_UNIFORMS) in [0, 1) to the colour parameters of view 0 or 1 (one view for
     all rows, or one per row)."""
-    views = _check_uniforms(u, view)
-    blur_p = torch.tensor([cfg.blur_p[v] for v in views], device=u.device)
-    return ColorParams(**_uniform_fields(u.float(), blur_p, cfg))
+    return ColorParams(**_uniform_fields(u, cfg, view))
 
 
 def host_color_params(u: np.ndarray, cfg: SimCLRAugmentConfig, view: int | Sequence[int]) -> dict[str, list]:
     """`color_params_from_uniform` for a NumPy u (n, COLOR_UNIFORMS): the `ColorParams` fields as lists,
     ready for the per-sample path (a few NumPy calls instead of ~20 small torch operations)."""
-    views = _check_uniforms(u, view)
-    blur_p = np.array([cfg.blur_p[v] for v in views], dtype=np.float32)
-    return {k: v.tolist() for k, v in _uniform_fields(u.astype(np.float32, copy=False), blur_p, cfg).items()}
+    return {k: v.tolist() for k, v in _uniform_fields(u, cfg, view).items()}
 
 
 def sample_color_params(
@@ -290,8 +276,8 @@ class TwoViewTransform:
         host = host_color_params(rng.random((2, COLOR_UNIFORMS), dtype=np.float32), self.cfg, (0, 1))
         out = []
         for i, (view, flip) in enumerate(views):  # one at a time: a batch of one needs no per-sample indexing
-            x = _to_unit_float(view, flip)
-            x = _apply_host_params(x, {k: v[i : i + 1] for k, v in host.items()})
+            x = to_float_hwc(view[0].permute(1, 2, 0).numpy(), flip)  # (1, 3, S, S) float32
+            x = apply_sample_color(x, {k: v[i] for k, v in host.items()})
             out.append(normalize(x, self.cfg.mean, self.cfg.std)[0])
         return out[0], out[1]
 
@@ -304,18 +290,6 @@ def _pixels(image: ImageLike) -> torch.Tensor:
     with warnings.catch_warnings():  # torch warns (once) that writing to a read-only array is undefined
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
-
-
-def _to_unit_float(view: torch.Tensor, flip: bool) -> torch.Tensor:
-    """uint8 (1, 3, S, S) of any layout -> contiguous float32 in [0, 1], mirrored left-right if `flip`.
-
-    NumPy's strided copy does the flip (a negative stride) and the channel deinterleave of a channels-last
-    view in one pass; torch would copy the flip first.
-    """
-    out = torch.empty(view.shape, dtype=torch.float32)
-    hwc = view[0].permute(1, 2, 0).numpy()  # (S, S, 3)
-    np.copyto(out[0].numpy(), (hwc[:, ::-1] if flip else hwc).transpose(2, 0, 1), casting="unsafe")
-    return out.mul_(1.0 / 255.0)
 
 
 class BatchedColorAugment(nn.Module):
@@ -370,32 +344,19 @@ def naive_torchvision_two_view(cfg: SimCLRAugmentConfig | None = None) -> Callab
 __all__ = [
     "COLOR_UNIFORMS",
     "CROP_ATTEMPTS",
-    "GRAY_WEIGHTS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "BatchedColorAugment",
-    "ColorParams",
     "ImageLike",
-    "Param",
     "RngLike",
     "SimCLRAugmentConfig",
     "TwoViewTransform",
-    "adjust_brightness",
-    "adjust_contrast",
-    "adjust_hsv",
-    "adjust_hue",
-    "adjust_saturation",
-    "apply_color_params",
     "color_params_from_uniform",
-    "gaussian_blur",
     "host_color_params",
     "image_to_uint8_tensor",
     "make_rng",
     "naive_torchvision_two_view",
-    "normalize",
-    "rgb_to_grayscale",
     "sample_color_params",
     "sample_color_params_torch",
     "sample_crop_box",
-    "to_float_batch",
 ]
