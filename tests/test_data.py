@@ -259,6 +259,8 @@ def test_validators_name_each_reason():
     assert validate_depth(image, None) == "undecodable_depth"
     assert validate_depth(image, depth[:1]) == "depth_size_mismatch"
     assert validate_depth(image, np.where(depth == 2.0, 0.0, depth)) == "depth_all_invalid"
+    # The range is open at both ends, as in the loss and the metrics: depth only at max_depth is no valid pixel.
+    assert validate_depth(image, np.full_like(depth, 10.0), max_depth=10.0) == "depth_all_invalid"
 
 
 def test_skip_counter_merges_and_guards():

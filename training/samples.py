@@ -241,14 +241,14 @@ def validate_depth(
     image: PIL.Image.Image | None, depth: np.ndarray | None, min_depth: float = 1e-3, max_depth: float = 10.0
 ) -> str | None:
     """Depth: the reason to skip, or None. `depth` (H, W) is in metres; at least one pixel must lie in
-    (min_depth, max_depth]."""
+    (min_depth, max_depth), the range the loss, the masks and the metrics count as valid."""
     if image is None:
         return UNDECODABLE_IMAGE
     if depth is None:
         return UNDECODABLE_DEPTH
     if depth.shape != (image.height, image.width):
         return DEPTH_SIZE_MISMATCH
-    if not np.any((depth > min_depth) & (depth <= max_depth)):
+    if not np.any((depth > min_depth) & (depth < max_depth)):
         return DEPTH_ALL_INVALID
     return None
 
