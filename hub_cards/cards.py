@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from densecl_vit.modeling.configuration_densecl_vit import PRESET_ALIASES, PRESETS
+from densecl_vit.modeling.configuration_densecl_vit import preset_name
 
 from .snippets import (
     MODEL_TASKS,
@@ -110,6 +110,11 @@ class EvalReport:
     metrics: dict[str, float]
     protocol: dict[str, Any]
     num_samples: int
+
+    @property
+    def hub_dataset_id(self) -> str | None:
+        """`dataset_id` when it names a Hub dataset; None for a local folder (the Hub would read it as an id)."""
+        return self.dataset_id if _looks_like_hub_id(self.dataset_id) else None
 
 
 def _require(condition: bool, path: Path, message: str) -> None:
@@ -199,8 +204,7 @@ def _looks_like_hub_id(value: Any) -> bool:
 
 def names_a_checkpoint(model: str) -> bool:
     """Whether a `model` option names a checkpoint (a Hub id or a folder), not a preset or a config.json file."""
-    preset = PRESET_ALIASES.get(model.lower(), model.lower())
-    return preset not in PRESETS and not model.lower().endswith(".json")
+    return preset_name(model) is None and not model.lower().endswith(".json")
 
 
 def training_sources(config: dict[str, Any]) -> tuple[str | None, str | None, list[str]]:
@@ -208,9 +212,10 @@ def training_sources(config: dict[str, Any]) -> tuple[str | None, str | None, li
     hub_id = local = None
     datasets = []
     for key, value in flatten(config):
+        if not isinstance(value, str) or not value:
+            continue
         leaf = key.split(".")[-1]
-        start = key == "model" and isinstance(value, str) and names_a_checkpoint(value)
-        if (leaf in BASE_MODEL_KEYS or start) and isinstance(value, str) and value:
+        if leaf in BASE_MODEL_KEYS or (key == "model" and names_a_checkpoint(value)):
             if _looks_like_hub_id(value):
                 hub_id = hub_id or value
             else:
@@ -311,7 +316,7 @@ def eval_results_metadata(report: EvalReport) -> list[EvalResult]:
             task_type=EVAL_TASK_TYPES[report.task],
             task_name=report.task.replace("-", " ").capitalize(),
             # The Hub reads `type` as a dataset id: a local folder is named by its display name instead.
-            dataset_type=report.dataset_id if _looks_like_hub_id(report.dataset_id) else report.dataset_name,
+            dataset_type=report.hub_dataset_id or report.dataset_name,
             dataset_name=report.dataset_name,
             dataset_config=report.dataset_config,
             dataset_split=report.dataset_split,
@@ -379,7 +384,7 @@ def render_model_card(
     tags = ["densecl-vit", "vision-transformer", "self-supervised", "dense-prediction"]
     if inputs.fmt == "remote-code":
         tags.insert(0, "custom_code")
-    evaluated_on = [report.dataset_id] if report and _looks_like_hub_id(report.dataset_id) else []
+    evaluated_on = [report.hub_dataset_id] if report and report.hub_dataset_id else []
     datasets = list(dict.fromkeys([*inputs.datasets, *evaluated_on]))
     card_data = ModelCardData(
         library_name="transformers",

@@ -56,7 +56,6 @@ EVAL_RESULTS_NAME = "eval_results.json"
 EXAMPLE_GLOB = "example*.png"
 EXAMPLE_PHOTO = Path(__file__).resolve().parent / "example_photo.jpg"
 EXAMPLE_PHOTO_CREDIT = "the astronaut Eileen Collins, NASA, public domain"
-EXAMPLE_NAMES = {"segmentation": "example_overlay.png", "depth": "example_depth.png"}  # predict.py's suffixes
 EXAMPLE_LEGENDS = {
     "segmentation": "the colours are the predicted classes, listed with their share of the image",
     "depth": "near is bright; the colour bar is in metres",
@@ -281,15 +280,16 @@ def _example_photo(path: str | os.PathLike | None) -> PIL.Image.Image | None:
 
 def write_example(model: PreTrainedModel, processor: Any, photo: PIL.Image.Image, output: Path) -> str:
     """Save the model's prediction on `photo`, drawn as scripts/predict.py draws it, in `output`; returns its name."""
-    from densecl_vit.training.visualize import model_task, prediction_picture, save_png
+    from densecl_vit.training.inference import model_task
+    from densecl_vit.training.visualize import PICTURE_SUFFIXES, prediction_picture, save_png
 
-    name = EXAMPLE_NAMES[model_task(model)]
+    name = f"example{PICTURE_SUFFIXES[model_task(model)]}"
     save_png(prediction_picture(model, processor, photo), output / name)
     return name
 
 
 def _example_caption(model: PreTrainedModel, path: str | os.PathLike) -> str:
-    from densecl_vit.training.visualize import model_task
+    from densecl_vit.training.inference import model_task
 
     task = model_task(model)
     bundled = Path(path).resolve() == EXAMPLE_PHOTO

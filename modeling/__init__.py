@@ -6,6 +6,8 @@ Importing this package registers the classes with transformers' Auto classes, bo
 `pipeline("image-segmentation" | "depth-estimation", model=folder, trust_remote_code=True)`).
 """
 
+import inspect
+
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -28,7 +30,7 @@ from .modeling_densecl_vit import (
 )
 
 # Auto class -> model class, for in-process loading and for the auto_map that save_pretrained writes.
-_AUTO_MODELS = (
+AUTO_MODELS = (
     (AutoModel, DenseCLViTModel),
     (AutoModelForPreTraining, DenseCLViTForPreTraining),
     (AutoModelForSemanticSegmentation, DenseCLViTForSemanticSegmentation),
@@ -38,17 +40,18 @@ _AUTO_MODELS = (
 
 def _register() -> None:
     AutoConfig.register(DenseCLViTConfig.model_type, DenseCLViTConfig, exist_ok=True)
-    # One class serves both backends (it works on tensors and PIL images alike), so transformers does not fall back
-    # from its default torchvision backend with a warning.
-    AutoImageProcessor.register(
-        DenseCLViTConfig,
-        slow_image_processor_class=DenseCLViTImageProcessor,
-        fast_image_processor_class=DenseCLViTImageProcessor,
-        exist_ok=True,
-    )
+    if "image_processor_classes" in inspect.signature(AutoImageProcessor.register).parameters:
+        # Transformers with image-processor backends: one class serves both (it works on tensors and PIL images
+        # alike), so loading does not fall back from the default torchvision backend with a warning.
+        processors = {
+            "image_processor_classes": dict.fromkeys(("pil", "torchvision"), DenseCLViTImageProcessor)
+        }
+    else:
+        processors = {"slow_image_processor_class": DenseCLViTImageProcessor}
+    AutoImageProcessor.register(DenseCLViTConfig, **processors, exist_ok=True)
     DenseCLViTConfig.register_for_auto_class()
     DenseCLViTImageProcessor.register_for_auto_class("AutoImageProcessor")
-    for auto_class, model_class in _AUTO_MODELS:
+    for auto_class, model_class in AUTO_MODELS:
         auto_class.register(DenseCLViTConfig, model_class, exist_ok=True)
         model_class.register_for_auto_class(auto_class.__name__)
 
@@ -56,6 +59,7 @@ def _register() -> None:
 _register()
 
 __all__ = [
+    "AUTO_MODELS",
     "DenseCLViTConfig",
     "DenseCLViTForDepthEstimation",
     "DenseCLViTForPreTraining",

@@ -24,6 +24,12 @@ PRESET_ALIASES = {
 }
 
 
+def preset_name(name: str) -> str | None:
+    """The PRESETS key that `name` (a preset or an alias, any case) stands for; None for any other name."""
+    key = PRESET_ALIASES.get(name.lower(), name.lower())
+    return key if key in PRESETS else None
+
+
 class DenseCLViTConfig(PretrainedConfig):
     r"""
     Configuration of a DenseCL-ViT model: a pre-norm Vision Transformer with a [CLS] token and learnable absolute
@@ -221,11 +227,11 @@ class DenseCLViTConfig(PretrainedConfig):
     @classmethod
     def from_preset(cls, name: str, **kwargs) -> "DenseCLViTConfig":
         """A config for one of the paper's sizes: `vit-tiny`, `vit-small` or `vit-base` (aliases ti/s/b)."""
-        key = PRESET_ALIASES.get(name.lower(), name.lower())
-        if key not in PRESETS:
+        key = preset_name(name)
+        if key is None:
             names = ", ".join(sorted(PRESETS))
             raise ValueError(f"unknown preset {name!r}; choose one of {names} (or ti, s, b).")
         return cls(**{**PRESETS[key], **kwargs})
 
 
-__all__ = ["DenseCLViTConfig"]
+__all__ = ["DenseCLViTConfig", "preset_name"]

@@ -22,14 +22,8 @@ import numpy as np
 import PIL.Image
 from tqdm.auto import tqdm
 
-from densecl_vit.training.visualize import (
-    load_image,
-    load_pretrained,
-    model_task,
-    predict_images,
-    render_prediction,
-    save_png,
-)
+from densecl_vit.training.inference import load_image, load_pretrained, model_task, predict_images
+from densecl_vit.training.visualize import PICTURE_SUFFIXES, render_prediction, save_png
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,13 +63,13 @@ def output_names(paths: list[Path]) -> list[str]:
 
 def save_prediction(output_dir: Path, name: str, image, prediction: np.ndarray, task: str, id2label) -> None:
     """The picture and the raw prediction of one image."""
-    picture = render_prediction(image, prediction, task, id2label)
+    save_png(
+        render_prediction(image, prediction, task, id2label), output_dir / f"{name}{PICTURE_SUFFIXES[task]}"
+    )
     if task == "segmentation":
-        save_png(picture, output_dir / f"{name}_overlay.png")
         dtype = np.uint8 if prediction.max(initial=0) < 256 and len(id2label or {}) <= 256 else np.uint16
         save_png(prediction.astype(dtype), output_dir / f"{name}_labels.png")
     else:
-        save_png(picture, output_dir / f"{name}_depth.png")
         np.save(output_dir / f"{name}_depth.npy", prediction.astype(np.float32))
 
 

@@ -23,14 +23,8 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from densecl_vit.training.visualize import (
-    background_score,
-    encoder_features,
-    load_image,
-    load_pretrained,
-    patch_border,
-    pca_rgb,
-)
+from densecl_vit.training.inference import encoder_features, load_image, load_pretrained
+from densecl_vit.training.visualize import background_score, patch_border, pca_rgb
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

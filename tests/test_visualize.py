@@ -20,7 +20,7 @@ from densecl_vit.modeling import (
     DenseCLViTImageProcessor,
     DenseCLViTModel,
 )
-from densecl_vit.training import curves, visualize
+from densecl_vit.training import curves, inference, visualize
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASS_NAMES = {0: "sky", 1: "wall", 2: "cat", 3: "cup", 4: "floor"}
@@ -227,9 +227,9 @@ def test_label_maps_of_many_classes_are_saved_as_uint16(tmp_path):
 
 def test_predict_rejects_an_encoder_folder(tmp_path):
     folder = save_model(DenseCLViTModel(tiny_config()), tmp_path / "encoder")
-    model, _ = visualize.load_pretrained(folder)
+    model, _ = inference.load_pretrained(folder)
     with pytest.raises(ValueError, match="neither a segmentation nor a depth model"):
-        visualize.model_task(model)
+        inference.model_task(model)
 
 
 def test_render_example_prediction(tmp_path, seg_dir):

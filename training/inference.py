@@ -42,25 +42,21 @@ def load_pretrained(model_dir: str | os.PathLike, device: str | torch.device = "
     The model class follows `config.architectures` (segmentation, depth, pre-training or the bare encoder).
     A folder without `preprocessor_config.json` gets a `DenseCLViTImageProcessor` at the config's image size.
     """
-    from transformers import (
-        AutoConfig,
-        AutoImageProcessor,
-        AutoModel,
-        AutoModelForDepthEstimation,
-        AutoModelForPreTraining,
-        AutoModelForSemanticSegmentation,
-    )
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
-    from densecl_vit.modeling import DenseCLViTImageProcessor
+    from densecl_vit.modeling import AUTO_MODELS, DenseCLViTImageProcessor
 
-    auto_classes = {
-        "ForSemanticSegmentation": AutoModelForSemanticSegmentation,
-        "ForDepthEstimation": AutoModelForDepthEstimation,
-        "ForPreTraining": AutoModelForPreTraining,
-    }
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
     architecture = (getattr(config, "architectures", None) or [""])[0]
-    auto_class = next((c for suffix, c in auto_classes.items() if architecture.endswith(suffix)), AutoModel)
+    # The Auto class of our model class with the same suffix, so stock releases (UperNetFor...) load too.
+    auto_class = next(
+        (
+            auto_class
+            for auto_class, model_class in AUTO_MODELS
+            if architecture.endswith(model_class.__name__.removeprefix("DenseCLViT"))
+        ),
+        AutoModel,
+    )
     model = auto_class.from_pretrained(model_dir, config=config, trust_remote_code=True).to(device).eval()
     try:
         processor = AutoImageProcessor.from_pretrained(model_dir, trust_remote_code=True)

@@ -21,8 +21,8 @@ import torch
 from accelerate import Accelerator
 
 from ..modeling import DenseCLViTConfig, DenseCLViTForPreTraining, DenseCLViTImageProcessor
-from ..modeling.configuration_densecl_vit import PRESET_ALIASES, PRESETS
-from .config import save_config
+from ..modeling.configuration_densecl_vit import PRESETS, preset_name
+from .config import option, save_config
 from .engine import (
     CRITICAL_KEYS,
     TrainingArgs,
@@ -65,10 +65,6 @@ PRETRAIN_CRITICAL_KEYS = (
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
-def _opt(default: Any, help_text: str) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help_text})
-
-
 @dataclasses.dataclass
 class PretrainConfig(TrainingArgs):
     """Pre-train a DenseCL-ViT encoder with the local-to-global contrastive loss on a (streamed) image dataset.
@@ -77,25 +73,27 @@ class PretrainConfig(TrainingArgs):
     mixed precision come from accelerate) or plain `python scripts/pretrain.py ...`.
     """
 
-    output_dir: str = _opt("outputs/pretrain", "folder for checkpoints, logs, final/ and results.json")
-    model: str = _opt("vit-base", "preset (vit-tiny, vit-small, vit-base) or a config.json / model folder")
-    image_size: int = _opt(224, "side of the square training views; a multiple of the patch size")
-    patch_size: int | None = _opt(None, "override the model's patch size (a fresh model only; tiny tests)")
-    per_device_batch_size: int = _opt(
+    output_dir: str = option("outputs/pretrain", "folder for checkpoints, logs, final/ and results.json")
+    model: str = option("vit-base", "preset (vit-tiny, vit-small, vit-base) or a config.json / model folder")
+    image_size: int = option(224, "side of the square training views; a multiple of the patch size")
+    patch_size: int | None = option(None, "override the model's patch size (a fresh model only; tiny tests)")
+    per_device_batch_size: int = option(
         128, "images per process and step (>= 2: the negatives are the other images)"
     )
-    lr: float = _opt(1e-4, "base learning rate for 256 images; the run uses lr * total batch / 256")
-    loss: Literal["local-global", "global", "both"] = _opt(
+    lr: float = option(1e-4, "base learning rate for 256 images; the run uses lr * total batch / 256")
+    loss: Literal["local-global", "global", "both"] = option(
         "local-global", "the paper's local-to-global loss, SimCLR's global InfoNCE, or their sum"
     )
-    gather_negatives: bool = _opt(False, "take negatives from every process (all-gather with gradients)")
-    temperature: float = _opt(0.1, "temperature of the contrastive loss")
-    projection_dim: int | None = _opt(None, "output width of the projection head; none: the model's (256)")
-    projection_hidden_size: int | None = _opt(
+    gather_negatives: bool = option(False, "take negatives from every process (all-gather with gradients)")
+    temperature: float = option(0.1, "temperature of the contrastive loss")
+    projection_dim: int | None = option(None, "output width of the projection head; none: the model's (256)")
+    projection_hidden_size: int | None = option(
         None, "hidden width of the 3-layer projection head; none: the model's (2048)"
     )
-    crop_scale: tuple[float, float] = _opt((0.08, 1.0), "random resized crop area range, as image fractions")
-    gpu_augment: bool = _opt(
+    crop_scale: tuple[float, float] = option(
+        (0.08, 1.0), "random resized crop area range, as image fractions"
+    )
+    gpu_augment: bool = option(
         False, "run colour jitter, grayscale, blur and normalisation batched on the device"
     )
 
@@ -131,8 +129,8 @@ class PretrainConfig(TrainingArgs):
 
 def model_source(model: str) -> tuple[str, dict[str, Any]]:
     """("preset" | "config" | "weights" | "folder", the config fields it names) for a --model value."""
-    key = PRESET_ALIASES.get(model.lower(), model.lower())
-    if key in PRESETS:
+    key = preset_name(model)
+    if key is not None:
         return "preset", {**PRESETS[key], "patch_size": 16}
     path = Path(model)
     if path.is_file() and path.suffix == ".json":

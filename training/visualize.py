@@ -2,7 +2,7 @@
 
 Figures are drawn on matplotlib's Agg canvas directly (`Figure` + `FigureCanvasAgg`, never pyplot), so importing
 this module leaves the caller's interactive backend alone and works on machines without a display.
-Models are loaded and run in `inference` (its names are importable from here too).
+Models are loaded and run in `inference`.
 Images are (H, W, 3) uint8 arrays throughout; label maps (H, W) integers; depth (H, W) metres.
 Training curves are drawn by `curves`.
 """
@@ -24,19 +24,14 @@ from matplotlib.colors import Normalize, hsv_to_rgb
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from densecl_vit.training.inference import (
-    cls_attention,
-    encoder_features,
-    load_image,
-    load_pretrained,
-    model_task,
-    predict_images,
-)
+from densecl_vit.training.inference import load_image, load_pretrained, model_task, predict_images
 from densecl_vit.training.samples import to_rgb
 
 DPI = 128  # a power of two: pixel sizes divided by it and multiplied back are exact in floating point
 MIN_DISPLAY_HEIGHT = 256  # smaller images are enlarged (nearest, integer factor) so that text stays legible
 DEPTH_CMAP = "magma_r"  # reversed: near = bright
+# The file name of a prediction's picture after the image's name (scripts/predict.py, the example of a release).
+PICTURE_SUFFIXES = {"segmentation": "_overlay.png", "depth": "_depth.png"}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -230,7 +225,7 @@ def render_example_prediction(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Patch features: PCA maps (the features and [CLS] attention come from `inference`)
+# Patch features: PCA maps (the features come from `inference.encoder_features`)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -292,19 +287,14 @@ __all__ = [
     "MIN_DISPLAY_HEIGHT",
     "background_score",
     "class_name",
+    "PICTURE_SUFFIXES",
     "class_palette",
-    "cls_attention",
     "colorize_depth",
     "depth_figure",
     "display_scale",
-    "encoder_features",
-    "load_image",
-    "load_pretrained",
-    "model_task",
     "overlay_segmentation",
     "patch_border",
     "pca_rgb",
-    "predict_images",
     "prediction_picture",
     "principal_components",
     "render_example_prediction",
