@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 import sys
 
-from densecl_vit.training.demo import DEFAULT, QUICK, StageInterrupted, check_finite, run_demo
+from densecl_vit.training.demo import DEFAULT, QUICK, check_finite, exit_status, run_demo
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,14 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k not in ("output_dir", "quick") and v is not None}
     settings = dataclasses.replace(QUICK if args.quick else DEFAULT, **overrides)
-    try:
-        check_finite(run_demo(settings, args.output_dir))
-    except ValueError as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 2
-    except StageInterrupted as stop:
-        print(f"stopped: {stop}", file=sys.stderr)  # a signal, as the training scripts: status 0
-    return 0
+    return exit_status(lambda: check_finite(run_demo(settings, args.output_dir)))
 
 
 if __name__ == "__main__":

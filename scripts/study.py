@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from densecl_vit.training.demo import StageInterrupted
+from densecl_vit.training.demo import exit_status
 from densecl_vit.training.study import ARMS, PROTOCOLS, SIZES, TASKS, run_study
 
 
@@ -36,16 +36,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        if args.seeds < 1:
-            raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
-        run_study(args.size, range(args.seeds), args.output_dir, args.arms, args.protocols, args.tasks)
-    except ValueError as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 2
-    except StageInterrupted as stop:
-        print(f"stopped: {stop}", file=sys.stderr)  # a signal, as the training scripts: status 0
-    return 0
+    return exit_status(
+        lambda: run_study(
+            args.size, range(args.seeds), args.output_dir, args.arms, args.protocols, args.tasks
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -77,8 +78,12 @@ class DemoSettings:
             raise ValueError(
                 f"image_size {self.image_size} must be a positive multiple of the patch size {self.patch_size()}"
             )
-        counts = {"num_train": self.num_train, "num_val": self.num_val, "pretrain_steps": self.pretrain_steps}
-        counts.update(finetune_steps=self.finetune_steps)
+        counts = {
+            "num_train": self.num_train,
+            "num_val": self.num_val,
+            "pretrain_steps": self.pretrain_steps,
+            "finetune_steps": self.finetune_steps,
+        }
         for name, value in counts.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -153,6 +158,19 @@ def run_stage(main_fn: Callable[[T], Any], cls: type[T], argv: Sequence[str]) ->
             f"{cfg.output_dir} stopped at step {result.get('steps')} ({result['status']}); its checkpoint is kept"
         )
     return result
+
+
+def exit_status(run: Callable[[], Any]) -> int:
+    """Run a command line's work and return its exit status, as the training scripts do: 2 with a one-line
+    `error:` for a bad option or setting (ValueError), 0 when done or stopped by a signal (`StageInterrupted`)."""
+    try:
+        run()
+    except ValueError as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    except StageInterrupted as stop:
+        print(f"stopped: {stop}", file=sys.stderr)
+    return 0
 
 
 def model_argument(model: str | Mapping[str, Any], folder: Path) -> str:

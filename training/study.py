@@ -30,6 +30,7 @@ import yaml
 from .checkpoint import complete_checkpoints
 from .config import config_to_dict, parse_config
 from .demo import (
+    QUICK,
     DemoSettings,
     depth_argv,
     ensure_dataset,
@@ -72,16 +73,8 @@ def _sizes() -> dict[str, StudySize]:
         projection_hidden_size=256, projection_dim=64, finetune_lr=5e-3, layer_decay=0.65, plot_curves=False
     )
     return {
-        "tiny": StudySize(
-            DemoSettings(
-                image_size=32, num_train=16, num_val=4, pretrain_steps=2, pretrain_batch_size=4,
-                finetune_steps=2, finetune_batch_size=4, log_every=1, num_workers=0, num_threads=1,
-                model={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "patch_size": 8,
-                       "depth_head_hidden_size": 16},
-                **{**common, "projection_hidden_size": 32, "projection_dim": 16},
-            ),
-            diagnostic_samples=4,
-        ),
+        # The demo's toy sizes (2 steps per run), with the study's fine-tuning recipe.
+        "tiny": StudySize(dataclasses.replace(QUICK, finetune_lr=common["finetune_lr"]), diagnostic_samples=4),
         "small": StudySize(
             DemoSettings(
                 image_size=32, num_train=1000, num_val=100, model=small_vit, pretrain_steps=150,

@@ -128,7 +128,7 @@ def end_to_end_benchmark(size: str, opts: BenchOptions, accelerator: Any, data_d
     workers prefetched meanwhile), model-only steps again; rates are images over total time.
     """
     from ..guards import NonFiniteGuard
-    from ..loop import train_step
+    from ..loop import batch_to_device, train_step
     from ..pretraining import DeviceColorAugment, build_data
 
     drain = opts.workers * 2 + 1  # the DataLoader's prefetch queue (prefetch_factor 2 per worker) + one
@@ -139,10 +139,8 @@ def end_to_end_benchmark(size: str, opts: BenchOptions, accelerator: Any, data_d
     cfg, model, optimizer, scheduler = training_setup(config, opts, accelerator, dataset=str(path))
     loader, _ = build_data(cfg)
     batches, device, guard, probe = iter(loader), opts.device, NonFiniteGuard(), MemoryProbe(opts.device)
-    if opts.gpu_augment:
-        prepare_batch: Callable = DeviceColorAugment(cfg, accelerator)
-    else:
-        prepare_batch = lambda batch, step: {k: v.to(device, non_blocking=True) for k, v in batch.items()}  # noqa: E731
+    # What `loop.train_loop` runs between the loader and the step.
+    prepare_batch = DeviceColorAugment(cfg, accelerator) if opts.gpu_augment else batch_to_device(device)
     fixed = prepare_batch(next(batches), 0)
 
     def run(count: int, from_loader: bool) -> tuple[float, float]:

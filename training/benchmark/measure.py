@@ -175,12 +175,11 @@ def time_interleaved(
     repeats: int,
     warmup: int,
     device: torch.device,
-    probe: MemoryProbe | None = None,
 ) -> dict[str, Timing]:
     """Time each candidate `repeats` times after `warmup` untimed calls, in A B B A order (alternating rounds)."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
-    probe = probe or MemoryProbe(device)
+    probe = MemoryProbe(device)
     names = list(candidates)
     for _ in range(warmup):
         for name in names:

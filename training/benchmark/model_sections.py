@@ -29,7 +29,7 @@ def _encoder_pair(size: str, opts: BenchOptions) -> tuple[DenseCLViTModel, torch
     config = build_config(size, opts.image_size)
     torch.manual_seed(0)
     ours = DenseCLViTModel(config)
-    reference = build_timm(config, SIZES[size]["timm"])
+    reference = build_timm(ours, SIZES[size]["timm"])
     reference.load_state_dict(densecl_to_timm(ours.state_dict()))
     return ours.to(opts.device).train(), reference.to(opts.device).train()
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ...modeling import DenseCLViTConfig
+from ...modeling import DenseCLViTConfig, DenseCLViTModel
 from .measure import peak_tflops
 
 SIZES: dict[str, dict[str, Any]] = {
@@ -70,22 +70,16 @@ def build_config(size: str, image_size: int) -> DenseCLViTConfig:
     return DenseCLViTConfig(**spec["config"], image_size=image_size)
 
 
-def build_timm(config: DenseCLViTConfig, name: str) -> torch.nn.Module:
-    """timm's `VisionTransformer` with our config's architecture (`name`'s defaults overridden), no head."""
+def build_timm(encoder: DenseCLViTModel, name: str) -> torch.nn.Module:
+    """timm's `VisionTransformer` of `encoder`'s architecture (`name`'s defaults overridden), no head."""
     import timm
 
-    return timm.create_model(
-        name,
-        pretrained=False,
-        num_classes=0,
-        img_size=config.image_size,
-        patch_size=config.patch_size,
-        embed_dim=config.hidden_size,
-        depth=config.num_hidden_layers,
-        num_heads=config.num_attention_heads,
-        mlp_ratio=config.mlp_ratio,
-        qkv_bias=config.qkv_bias,
-    )
+    from ...hub_cards.stock import timm_kwargs
+
+    kwargs = timm_kwargs(encoder)
+    if kwargs is None:
+        raise ValueError(f"timm's VisionTransformer cannot match {name} with this config; use a preset size")
+    return timm.create_model(name, pretrained=False, **kwargs)
 
 
 def utilisation(flops_per_s: float, opts: BenchOptions) -> float | None:
@@ -150,10 +144,8 @@ def resolve_options(args: argparse.Namespace) -> BenchOptions:
     sizes, sections = _check_args(args)
     cuda, quick = args.device == "cuda", args.quick
     image_size = args.image_size or (32 if quick else 224)
-    for size in sizes:
-        build_config(
-            size, image_size
-        )  # the config refuses an image size that is no multiple of the patch size
+    for size in sizes:  # the config refuses an image size that is no multiple of the patch size
+        build_config(size, image_size)
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     name = torch.cuda.get_device_name(device) if cuda else ""
     return BenchOptions(
