@@ -49,6 +49,11 @@ class ConfigError(ValueError):
 # --- type introspection -------------------------------------------------------------------------------
 
 
+def option(default: Any, help_text: str) -> Any:
+    """A config field with its default and the help text `--help` prints."""
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
 def _strip_optional(tp: Any) -> tuple[Any, bool]:
     """``Optional[X]`` / ``X | None`` -> (X, True); anything else -> (tp, False)."""
     origin = typing.get_origin(tp)

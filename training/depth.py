@@ -27,6 +27,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from ..modeling import DenseCLViTForDepthEstimation
+from .config import option
 from .dense_transforms import DepthAugment, DepthAugmentConfig, to_pixel_values
 from .depth_eval import DepthProtocol, evaluate_depth
 from .evaluation import EvalSource, EvaluateConfig, open_eval_source
@@ -54,10 +55,6 @@ DEPTH_CRITICAL_KEYS = (
 )
 
 
-def _opt(default: Any, help_text: str) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help_text})
-
-
 @dataclasses.dataclass
 class FinetuneDepthConfig(FinetuneArgs):
     """Fine-tune a DenseCL-ViT encoder for monocular depth (linear up-projection or UPerNet head), NYU protocol.
@@ -65,25 +62,25 @@ class FinetuneDepthConfig(FinetuneArgs):
     Run with `accelerate launch scripts/finetune_depth.py --config FILE.yaml [--option value ...]`.
     """
 
-    output_dir: str = _opt("outputs/finetune_depth", "folder for checkpoints, logs, final/ and results")
-    per_device_batch_size: int = _opt(8, "images per process and step")
-    optimizer: Literal["adamw", "adam"] = _opt("adam", "Adam (the paper's) or AdamW")
-    weight_decay: float = _opt(0.0, "weight decay (an L2 penalty with Adam)")
-    warmup_fraction: float = _opt(0.0, "linear warm-up over this fraction of the steps")
-    poly_power: float = _opt(0.9, "exponent of the poly decay")
-    crop_size: tuple[int, int] = _opt(
+    output_dir: str = option("outputs/finetune_depth", "folder for checkpoints, logs, final/ and results")
+    per_device_batch_size: int = option(8, "images per process and step")
+    optimizer: Literal["adamw", "adam"] = option("adam", "Adam (the paper's) or AdamW")
+    weight_decay: float = option(0.0, "weight decay (an L2 penalty with Adam)")
+    warmup_fraction: float = option(0.0, "linear warm-up over this fraction of the steps")
+    poly_power: float = option(0.9, "exponent of the poly decay")
+    crop_size: tuple[int, int] = option(
         (416, 544), "training crop (height, width); multiples of the patch size"
     )
-    depth_column: str | None = _opt(None, "depth column; default: depth_map")
-    depth_scale: float = _opt(1.0, "metres per raw depth unit (1e-3 for 16-bit PNGs in millimetres)")
-    min_depth: float = _opt(1e-3, "smallest valid depth in metres (ground truth at or below is invalid)")
-    max_depth: float = _opt(10.0, "largest valid depth in metres; the head's output range")
-    depth_head: Literal["linear", "upernet"] = _opt("linear", "depth head")
-    color_jitter: bool = _opt(True, "random gamma, brightness and colour on the image")
-    eigen_crop: bool | None = _opt(
+    depth_column: str | None = option(None, "depth column; default: depth_map")
+    depth_scale: float = option(1.0, "metres per raw depth unit (1e-3 for 16-bit PNGs in millimetres)")
+    min_depth: float = option(1e-3, "smallest valid depth in metres (ground truth at or below is invalid)")
+    max_depth: float = option(10.0, "largest valid depth in metres; the head's output range")
+    depth_head: Literal["linear", "upernet"] = option("linear", "depth head")
+    color_jitter: bool = option(True, "random gamma, brightness and colour on the image")
+    eigen_crop: bool | None = option(
         None, "evaluate inside the Eigen crop; default: on when --dataset names NYU"
     )
-    eval_size: tuple[int, int] | None = _opt(
+    eval_size: tuple[int, int] | None = option(
         None, "resize evaluation images to (height, width); default: the nearest multiple of the patch size"
     )
 

@@ -36,7 +36,7 @@ from typing import Any, Literal, TypeVar
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 
-from .config import config_to_dict, run_cli
+from .config import config_to_dict, option, run_cli
 from .data import StreamingSamples
 from .guards import TrainingDiverged
 from .loader import StreamLoader, build_dataloader
@@ -52,10 +52,6 @@ CRITICAL_KEYS = (
 )
 
 
-def _opt(default: Any, help_text: str) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help_text})
-
-
 @dataclasses.dataclass
 class TrainingArgs:
     """Options every training script shares: data, length, optimisation, checkpoints, logging."""
@@ -65,40 +61,40 @@ class TrainingArgs:
             "help": "Hub id, local folder (imagefolder or parquet), save_to_disk folder, or .parquet file/glob"
         }
     )
-    dataset_config: str | None = _opt(None, "dataset configuration name")
-    split: str = _opt("train", "split to train on")
-    image_column: str | None = _opt(None, "image column; default: the dataset's only Image column")
-    data_files: list[str] | None = _opt(None, "data files passed to datasets.load_dataset")
-    output_dir: str = _opt("outputs/run", "folder for checkpoints, logs, the final model and results.json")
-    per_device_batch_size: int = _opt(32, "images per process and step")
-    max_steps: int | None = _opt(None, "optimiser steps (may be raised when resuming); or set --epochs")
-    epochs: float | None = _opt(
+    dataset_config: str | None = option(None, "dataset configuration name")
+    split: str = option("train", "split to train on")
+    image_column: str | None = option(None, "image column; default: the dataset's only Image column")
+    data_files: list[str] | None = option(None, "data files passed to datasets.load_dataset")
+    output_dir: str = option("outputs/run", "folder for checkpoints, logs, the final model and results.json")
+    per_device_batch_size: int = option(32, "images per process and step")
+    max_steps: int | None = option(None, "optimiser steps (may be raised when resuming); or set --epochs")
+    epochs: float | None = option(
         None, "passes over the data, with --num-train-samples if the stream has no length"
     )
-    num_train_samples: int | None = _opt(None, "examples in the training split, for --epochs")
-    lr: float = _opt(1e-4, "peak learning rate")
-    weight_decay: float = _opt(
+    num_train_samples: int | None = option(None, "examples in the training split, for --epochs")
+    lr: float = option(1e-4, "peak learning rate")
+    weight_decay: float = option(
         0.05, "AdamW weight decay (never on biases, norms, position embeddings, [CLS])"
     )
-    warmup_fraction: float = _opt(0.05, "linear warm-up over this fraction of the steps")
-    grad_clip: float | None = _opt(None, "clip the global gradient norm to this value; none: no clipping")
-    checkpoint_every: int = _opt(1000, "save a checkpoint every N steps (and at the end)")
-    keep_last: int | None = _opt(2, "keep only the newest N checkpoints; none keeps all")
-    resume_from: str | None = _opt(
+    warmup_fraction: float = option(0.05, "linear warm-up over this fraction of the steps")
+    grad_clip: float | None = option(None, "clip the global gradient norm to this value; none: no clipping")
+    checkpoint_every: int = option(1000, "save a checkpoint every N steps (and at the end)")
+    keep_last: int | None = option(2, "keep only the newest N checkpoints; none keeps all")
+    resume_from: str | None = option(
         None, "'latest' (newest complete checkpoint in --output-dir, if any) or a step-* folder"
     )
-    seed: int = _opt(0, "seed of the model initialisation, the data order and every augmentation")
-    num_workers: int | None = _opt(None, "DataLoader workers per process; default: min(8, CPUs - 1)")
-    shuffle_buffer: int = _opt(1000, "streaming shuffle buffer (examples); 0 keeps the stream order")
-    log_every: int = _opt(20, "log loss, lr and images/s every N steps (the only host reads of the loss)")
-    compile: bool = _opt(False, "torch.compile the model")
-    gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass to save memory")
-    report_to: Literal["none", "tensorboard", "wandb", "mlflow", "all"] = _opt(
+    seed: int = option(0, "seed of the model initialisation, the data order and every augmentation")
+    num_workers: int | None = option(None, "DataLoader workers per process; default: min(8, CPUs - 1)")
+    shuffle_buffer: int = option(1000, "streaming shuffle buffer (examples); 0 keeps the stream order")
+    log_every: int = option(20, "log loss, lr and images/s every N steps (the only host reads of the loss)")
+    compile: bool = option(False, "torch.compile the model")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
+    report_to: Literal["none", "tensorboard", "wandb", "mlflow", "all"] = option(
         "none", "also log to these accelerate trackers (files under OUTPUT_DIR/logs)"
     )
-    max_bad_fraction: float = _opt(0.5, "stop when more than this fraction of the examples cannot be used")
-    max_nonfinite_steps: int = _opt(10, "stop after this many non-finite (NaN/inf) steps in a row")
-    plot_curves: bool = _opt(True, "draw OUTPUT_DIR/curves.png from metrics.jsonl at the end")
+    max_bad_fraction: float = option(0.5, "stop when more than this fraction of the examples cannot be used")
+    max_nonfinite_steps: int = option(10, "stop after this many non-finite (NaN/inf) steps in a row")
+    plot_curves: bool = option(True, "draw OUTPUT_DIR/curves.png from metrics.jsonl at the end")
 
     def validate(self) -> None:
         """Refuse impossible values of the shared options with a one-line message (before any loading)."""
@@ -150,12 +146,11 @@ class TrainerState:
 
 @dataclasses.dataclass
 class RunOutcome:
-    """What `train_loop` hands to `finish_run`: "completed" or "preempted", the final state, the mean loss of
-    the last log window, the skipped examples of all processes, the last evaluation metrics."""
+    """What `train_loop` hands to `finish_run`: "completed" or "preempted", the final state (its `last_loss` is
+    the run's final loss), the skipped examples of all processes, the last evaluation metrics."""
 
     status: str
     state: TrainerState
-    final_loss: float | None
     skips: SkipCounter
     eval_metrics: dict[str, float]
 

@@ -19,16 +19,12 @@ from typing import Any, Literal
 from accelerate import Accelerator
 from torch import nn
 
+from .config import option
 from .data import StreamingSamples
 from .engine import TrainerState
 from .loader import StreamLoader, build_dataloader
 from .runlog import write_json
 from .sources import open_stream
-
-
-def _opt(default: Any, help_text: str) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help_text})
-
 
 # --- the evaluation split -----------------------------------------------------------------------------
 
@@ -166,33 +162,35 @@ class EvaluateConfig:
             "help": "Hub id, local folder (imagefolder or parquet), save_to_disk folder, or .parquet file/glob"
         }
     )
-    dataset_config: str | None = _opt(None, "dataset configuration name")
-    split: str = _opt("validation", "split to evaluate")
-    data_files: list[str] | None = _opt(None, "data files passed to datasets.load_dataset")
-    dataset_name: str | None = _opt(
+    dataset_config: str | None = option(None, "dataset configuration name")
+    split: str = option("validation", "split to evaluate")
+    data_files: list[str] | None = option(None, "data files passed to datasets.load_dataset")
+    dataset_name: str | None = option(
         None, "dataset name in eval_results.json; default: the last part of --dataset"
     )
-    output_dir: str | None = _opt(None, "folder for eval_results.json; default: the model folder")
-    image_column: str | None = _opt(None, "image column; default: the dataset's only other Image column")
-    label_column: str | None = _opt(None, "segmentation: label-map column; default: annotation")
-    depth_column: str | None = _opt(None, "depth: depth column; default: depth_map")
-    max_samples: int | None = _opt(None, "evaluate the first N examples only")
-    num_workers: int | None = _opt(None, "DataLoader workers per process; default: min(8, CPUs - 1)")
-    max_bad_fraction: float = _opt(0.5, "stop when more than this fraction of the examples cannot be used")
-    reduce_labels: bool = _opt(True, "segmentation: raw 0 is ignored and label k >= 1 becomes k - 1 (ADE20K)")
-    ignore_index: int | None = _opt(None, "segmentation: ignored label; default: the model's")
-    scale_bounds: tuple[int, int] = _opt(
+    output_dir: str | None = option(None, "folder for eval_results.json; default: the model folder")
+    image_column: str | None = option(None, "image column; default: the dataset's only other Image column")
+    label_column: str | None = option(None, "segmentation: label-map column; default: annotation")
+    depth_column: str | None = option(None, "depth: depth column; default: depth_map")
+    max_samples: int | None = option(None, "evaluate the first N examples only")
+    num_workers: int | None = option(None, "DataLoader workers per process; default: min(8, CPUs - 1)")
+    max_bad_fraction: float = option(0.5, "stop when more than this fraction of the examples cannot be used")
+    reduce_labels: bool = option(
+        True, "segmentation: raw 0 is ignored and label k >= 1 becomes k - 1 (ADE20K)"
+    )
+    ignore_index: int | None = option(None, "segmentation: ignored label; default: the model's")
+    scale_bounds: tuple[int, int] = option(
         (2048, 512), "segmentation: (long, short) bounds images are rescaled to fit"
     )
-    window: int | None = _opt(None, "segmentation: sliding-window size; default: the model's image size")
-    stride: int | None = _opt(
+    window: int | None = option(None, "segmentation: sliding-window size; default: the model's image size")
+    stride: int | None = option(
         None, "segmentation: sliding-window stride; default: 2/3 of the window (512 -> 341)"
     )
-    depth_scale: float = _opt(1.0, "depth: metres per raw depth unit (1e-3 for 16-bit PNGs in millimetres)")
-    eigen_crop: bool | None = _opt(
+    depth_scale: float = option(1.0, "depth: metres per raw depth unit (1e-3 for 16-bit PNGs in millimetres)")
+    eigen_crop: bool | None = option(
         None, "depth: evaluate inside the Eigen crop; default: on when --dataset names NYU"
     )
-    eval_size: tuple[int, int] | None = _opt(
+    eval_size: tuple[int, int] | None = option(
         None, "depth: resize images to (height, width); default: the nearest multiple of the patch size"
     )
 

@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from ..modeling import DenseCLViTImageProcessor
-from .config import save_config
+from .config import option, save_config
 from .engine import (
     CRITICAL_KEYS,
     TrainerState,
@@ -36,7 +36,6 @@ from .engine import (
     train_loader,
 )
 from .evaluation import EvalSource, PeriodicEvaluator, open_eval_source, write_eval_results
-from .evaluation import EvaluateConfig as EvaluateConfig  # evaluate_model.py's options, public here too
 from .loader import StreamLoader
 from .loop import resume, train_loop
 from .model_start import describe_load, load_task_model
@@ -67,38 +66,38 @@ FINETUNE_CRITICAL_KEYS = (
 )
 
 
-def _opt(default: Any, help_text: str) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help_text})
-
-
 @dataclasses.dataclass
 class FinetuneArgs(TrainingArgs):
     """Options shared by the segmentation and depth fine-tuning scripts (on top of the engine's)."""
 
-    model: str = _opt(
+    model: str = option(
         "vit-base",
         "start from: a pre-training output folder (its final/), any DenseCL-ViT model folder, a converted "
         "timm/DINO/ViT folder, or a preset (vit-tiny, vit-small, vit-base) for a random-init baseline",
     )
-    crop_size: tuple[int, int] = _opt(
+    crop_size: tuple[int, int] = option(
         (512, 512), "training crop (height, width); multiples of the patch size"
     )
-    drop_path_rate: float = _opt(0.1, "stochastic depth rate of the last block (linear over the blocks)")
-    layer_decay: float | None = _opt(
+    drop_path_rate: float = option(0.1, "stochastic depth rate of the last block (linear over the blocks)")
+    layer_decay: float | None = option(
         None, "layer-wise lr decay: block i trains at lr * decay^(L+1-i); none trains every layer at --lr"
     )
-    optimizer: Literal["adamw", "adam"] = _opt("adamw", "AdamW (decoupled weight decay) or Adam (L2 penalty)")
-    lr_schedule: Literal["poly", "cosine"] = _opt("poly", "decay after the linear warm-up")
-    poly_power: float = _opt(1.0, "exponent of the poly decay")
-    freeze_encoder: bool = _opt(
+    optimizer: Literal["adamw", "adam"] = option(
+        "adamw", "AdamW (decoupled weight decay) or Adam (L2 penalty)"
+    )
+    lr_schedule: Literal["poly", "cosine"] = option("poly", "decay after the linear warm-up")
+    poly_power: float = option(1.0, "exponent of the poly decay")
+    freeze_encoder: bool = option(
         False, "train the head only (linear probing): the encoder's weights stay as loaded"
     )
-    eval_split: str | None = _opt(
+    eval_split: str | None = option(
         "validation", "split evaluated during and after training; none: no evaluation"
     )
-    eval_every: int | None = _opt(None, "evaluate every N steps as well as at the end")
-    max_eval_samples: int | None = _opt(None, "evaluate on the first N examples only (quick periodic checks)")
-    dataset_name: str | None = _opt(
+    eval_every: int | None = option(None, "evaluate every N steps as well as at the end")
+    max_eval_samples: int | None = option(
+        None, "evaluate on the first N examples only (quick periodic checks)"
+    )
+    dataset_name: str | None = option(
         None, "dataset name in eval_results.json; default: the last part of --dataset"
     )
 
@@ -282,7 +281,6 @@ def train_and_finish(
         f"processes, {accelerator.mixed_precision} precision), lr {cfg.lr:.3g}, starting at step {state.step}"
     )
     evaluator = PeriodicEvaluator(accelerator, model, evaluate_fn) if evaluate_fn is not None else None
-    eval_every = cfg.eval_every if evaluator is not None else None
     outcome = train_loop(
         accelerator,
         model,
@@ -294,7 +292,7 @@ def train_and_finish(
         total_steps,
         signature,
         evaluate=evaluator,
-        eval_every=eval_every,
+        eval_every=cfg.eval_every,
         desc=task,
     )
     extra: dict[str, Any] = {"task": task, "total_steps": total_steps, "total_batch_size": total_batch}

@@ -86,13 +86,14 @@ def train_step(
     """
     loss = model(**batch).loss
     accelerator.backward(loss)
+    loss = loss.detach()
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
-    skipped = guard.check(loss.detach(), grad_norm=grad_norm, step=step)
+    skipped = guard.check(loss, grad_norm=grad_norm, step=step)
     if not skipped or accelerator.scaler is not None:
         optimizer.step()  # fp16: the GradScaler skips non-finite updates itself and must see every step
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach(), skipped
+    return loss, skipped
 
 
 def _batches(loader: Any) -> Iterator[Any]:
@@ -153,7 +154,8 @@ class _Reporter:
         self.loss_sum.zero_()
         self.loss_count = 0
         mean = total / count if count else None
-        state.last_loss = mean if mean is not None else state.last_loss
+        if mean is not None:
+            state.last_loss = mean
         skips = _skips(loader)
         record = {
             "loss": mean,
@@ -179,7 +181,9 @@ class _Reporter:
         return values
 
 
-def _to_device(device: torch.device) -> Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]]:
+def batch_to_device(
+    device: torch.device,
+) -> Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]]:
     return lambda batch, step: {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
@@ -207,7 +211,7 @@ def train_loop(
     are written every `args.checkpoint_every` steps, at the end and on a stop signal, never during a run
     of non-finite steps. Raises `TrainingDiverged` and `DataError`.
     """
-    prepare_batch = prepare_batch or _to_device(accelerator.device)
+    prepare_batch = prepare_batch or batch_to_device(accelerator.device)
     guard = NonFiniteGuard(args.max_nonfinite_steps)
     guard.num_skipped = state.nonfinite_skips
     global_batch = args.per_device_batch_size * accelerator.num_processes
@@ -246,4 +250,4 @@ def train_loop(
                     f"stopped by a signal at step {state.step}; resume with --resume-from latest"
                 )
                 break
-    return RunOutcome(status, state, state.last_loss, _skips(loader), eval_metrics)
+    return RunOutcome(status, state, _skips(loader), eval_metrics)

@@ -50,7 +50,7 @@ def finish_run(
         "status": outcome.status,
         "steps": state.step,
         "images_seen": state.images_seen,
-        "final_loss": outcome.final_loss,
+        "final_loss": state.last_loss,
         "examples_seen": skips.seen,
         "skipped_samples": skips.skipped,
         "skipped_by_reason": dict(skips.counts),
@@ -63,7 +63,7 @@ def finish_run(
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
         write_json(output_dir / "results.json", results)
-        loss = "n/a" if outcome.final_loss is None else f"{outcome.final_loss:.4f}"
+        loss = "n/a" if state.last_loss is None else f"{state.last_loss:.4f}"
         print(
             f"{outcome.status}: {state.step} steps, {state.images_seen} images in {state.elapsed_s:.1f} s "
             f"({results['images_per_s']} images/s), final loss {loss}; skipped examples: {skips.skipped} of "

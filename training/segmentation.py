@@ -31,6 +31,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from ..modeling import DenseCLViTForSemanticSegmentation
+from .config import option
 from .dense_transforms import SegmentationAugment, SegmentationAugmentConfig, rescale_within, to_pixel_values
 from .evaluation import EvalSource, EvaluateConfig, check_scale_bounds, open_eval_source
 from .finetuning import (
@@ -61,10 +62,6 @@ SEG_CRITICAL_KEYS = (
 )
 
 
-def _opt(default: Any, help_text: str) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help_text})
-
-
 @dataclasses.dataclass
 class FinetuneSegmentationConfig(FinetuneArgs):
     """Fine-tune a DenseCL-ViT encoder for semantic segmentation (linear or UPerNet head), ADE20K protocol.
@@ -72,32 +69,34 @@ class FinetuneSegmentationConfig(FinetuneArgs):
     Run with `accelerate launch scripts/finetune_segmentation.py --config FILE.yaml [--option value ...]`.
     """
 
-    output_dir: str = _opt("outputs/finetune_segmentation", "folder for checkpoints, logs, final/, results")
-    per_device_batch_size: int = _opt(16, "images per process and step")
-    weight_decay: float = _opt(
+    output_dir: str = option("outputs/finetune_segmentation", "folder for checkpoints, logs, final/, results")
+    per_device_batch_size: int = option(16, "images per process and step")
+    weight_decay: float = option(
         0.005, "AdamW weight decay (never on biases, norms, position embeddings, [CLS])"
     )
-    warmup_fraction: float = _opt(0.01, "linear warm-up over this fraction of the steps")
-    layer_decay: float | None = _opt(0.65, "layer-wise lr decay: block i trains at lr * decay^(L+1-i)")
-    label_column: str | None = _opt(None, "label-map column; default: annotation")
-    id2label: str | None = _opt(
+    warmup_fraction: float = option(0.01, "linear warm-up over this fraction of the steps")
+    layer_decay: float | None = option(0.65, "layer-wise lr decay: block i trains at lr * decay^(L+1-i)")
+    label_column: str | None = option(None, "label-map column; default: annotation")
+    id2label: str | None = option(
         None,
         'JSON file naming the classes ({"0": "wall", ...} or a list; ids after --reduce-labels); default: '
         "id2label.json beside a local dataset, or the label column's ClassLabel names",
     )
-    reduce_labels: bool = _opt(
+    reduce_labels: bool = option(
         True, "ADE20K convention: raw 0 ('other') is ignored, label k >= 1 becomes k - 1"
     )
-    ignore_index: int = _opt(255, "label value left out of the loss and the metrics")
-    decode_head: Literal["linear", "upernet"] = _opt("linear", "segmentation head")
-    scale_bounds: tuple[int, int] = _opt(
+    ignore_index: int = option(255, "label value left out of the loss and the metrics")
+    decode_head: Literal["linear", "upernet"] = option("linear", "segmentation head")
+    scale_bounds: tuple[int, int] = option(
         (2048, 512), "(long, short) side bounds the image is rescaled to fit, keeping its aspect ratio"
     )
-    scale_range: tuple[float, float] = _opt((0.5, 2.0), "random factor on --scale-bounds during training")
-    cat_max_ratio: float = _opt(0.75, "re-draw a crop (up to 10 times) while one class covers more than this")
-    photometric: bool = _opt(True, "random brightness, contrast, saturation and hue distortion")
-    eval_window: int | None = _opt(None, "sliding-window size at evaluation; default: the crop height")
-    eval_stride: int | None = _opt(
+    scale_range: tuple[float, float] = option((0.5, 2.0), "random factor on --scale-bounds during training")
+    cat_max_ratio: float = option(
+        0.75, "re-draw a crop (up to 10 times) while one class covers more than this"
+    )
+    photometric: bool = option(True, "random brightness, contrast, saturation and hue distortion")
+    eval_window: int | None = option(None, "sliding-window size at evaluation; default: the crop height")
+    eval_stride: int | None = option(
         None, "sliding-window stride at evaluation; default: 2/3 of the window (341)"
     )
 
