@@ -17,6 +17,16 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test starts on one intra-op thread (bit-reproducible against a one-thread subprocess) and leaves
+    the count as it found it, whatever the code under test set."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(**overrides):
     """The suite's tiny model: image 32, patch 8, hidden 32, 2 layers, 2 heads."""
     from densecl_vit import DenseCLViTConfig
@@ -26,7 +36,7 @@ def tiny_config(**overrides):
     return DenseCLViTConfig(**kwargs)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny():
     return tiny_config
 

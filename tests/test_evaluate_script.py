@@ -18,19 +18,11 @@ from densecl_vit.modeling import (
 )
 from densecl_vit.training import depth, segmentation
 from densecl_vit.training.engine import cli_main
-from densecl_vit.training.finetuning import EvaluateConfig, open_eval_source
+from densecl_vit.training.evaluation import EvaluateConfig, open_eval_source
 
 spec = importlib.util.spec_from_file_location("evaluate_model", SCRIPTS / "evaluate_model.py")
 evaluate_model = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(evaluate_model)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +45,6 @@ def folders(tmp_path_factory, tiny):
         "seg_data": write_segmentation_dataset(root / "seg_data", num_train=1, num_val=3, size=40),
         "depth_data": write_depth_dataset(root / "depth_data", num_train=1, num_val=3, png_millimetres=True),
     }
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    from conftest import tiny_config
-
-    return tiny_config
 
 
 def test_segmentation_folder_report_next_to_the_model(folders):
@@ -124,8 +109,9 @@ def test_refuses_a_folder_without_a_trained_head_and_bad_options(folders, capsys
 def _evaluate_on_every_rank(argv: list[str]) -> None:
     import fsspec.asyn
 
-    # debug_launcher forks this test process, which has streamed data already: the child must not inherit the
-    # parent's fsspec event-loop lock (held by a thread the fork does not copy), as DataLoader workers do not.
+    # debug_launcher forks this test process, which has streamed data already: the child drops the fsspec
+    # event-loop lock it inherits (held by a thread the fork does not copy), as forked DataLoader workers do in
+    # `StreamingSamples`. `accelerate launch` starts fresh processes, so the evaluation code needs no reset.
     fsspec.asyn.reset_lock()
     AcceleratorState._reset_state(reset_partial_state=True)
     status = cli_main(evaluate_model.main, EvaluateConfig, argv)

@@ -45,15 +45,6 @@ from densecl_vit.training.segmentation_eval import (
 NAMES = {0: "red thing", 1: "green thing", 2: "blue thing"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: fast on a shared machine, and bit-reproducible against the subprocess."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("seg")

@@ -66,15 +66,6 @@ def write_parquet(path: Path, num_images: int, corrupt: set[int] = frozenset()) 
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread here and in the subprocesses: identical arithmetic everywhere, no contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrain-data")

@@ -31,15 +31,6 @@ def files(tmp_path_factory):
     return {"tiny": root / "tiny.json", "data16": write_parquet(root / "data16.parquet", 16)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread per process: two forked processes on a small machine do not contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(autouse=True)
 def fresh_state():
     AcceleratorState._reset_state(reset_partial_state=True)
