@@ -10,15 +10,6 @@ from densecl_vit import DenseCLViTForDepthEstimation
 MIN_DEPTH, MAX_DEPTH = 0.5, 6.0
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a shared, busy CPU their hand-offs make steps ~20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model(tiny, depth_head: str, **overrides) -> DenseCLViTForDepthEstimation:
     torch.manual_seed(0)
     fields = dict(

@@ -18,14 +18,6 @@ ID2LABEL = {0: "sky", 1: "person", 2: "rocket"}
 THREADS = 1
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def photo(tmp_path):
     """A real photograph, cropped to a non-square 384x512 (height x width) so that swapped axes show."""

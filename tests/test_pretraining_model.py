@@ -11,15 +11,6 @@ from densecl_vit.modeling.losses_densecl_vit import global_info_nce, symmetric_l
 BATCH, PROJECTION_DIM, NUM_PATCHES = 3, 16, 16  # 32x32 images, patch 8 -> 4x4 patches
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a shared, busy CPU their hand-offs make steps ~20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model(tiny, **overrides) -> DenseCLViTForPreTraining:
     torch.manual_seed(0)
     config = tiny(projection_hidden_size=64, projection_dim=PROJECTION_DIM, **overrides)

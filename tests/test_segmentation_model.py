@@ -11,15 +11,6 @@ ID2LABEL = {0: "red", 1: "green", 2: "blue"}
 LABEL2ID = {name: i for i, name in ID2LABEL.items()}
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a shared, busy CPU their hand-offs make steps ~20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _config(tiny, decode_head: str, **overrides):
     fields = dict(
         decode_head=decode_head,
