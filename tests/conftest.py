@@ -1,7 +1,9 @@
+import importlib.util
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,6 +41,16 @@ def tiny_config(**overrides):
 @pytest.fixture(scope="session")
 def tiny():
     return tiny_config
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module (the scripts folder is no package), to call its main(argv) in this process."""
+    spec = importlib.util.spec_from_file_location(
+        f"script_{name}", Path(__file__).parents[1] / "scripts" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_isolated(code: str, cwd, timeout: float = 180) -> subprocess.CompletedProcess:

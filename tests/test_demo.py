@@ -2,13 +2,13 @@
 and the pieces it is made of (the loss curve reader, the metric check, in-process stage runs)."""
 
 import dataclasses
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 from safetensors.torch import load_file
 
 from densecl_vit.training.demo import (
@@ -23,15 +23,6 @@ from densecl_vit.training.demo import (
 )
 from densecl_vit.training.pretraining import PretrainConfig
 from densecl_vit.training.pretraining import main as pretrain_main
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

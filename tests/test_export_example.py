@@ -1,7 +1,6 @@
 """The example prediction of a release: rendered on a photograph as scripts/predict.py renders it, shown in the card."""
 
 import fnmatch
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -9,7 +8,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import load_script, tiny_config
 
 from densecl_vit.hub_cards.export import EXAMPLE_PHOTO, ReleaseOptions, build_release
 from densecl_vit.modeling import (
@@ -23,13 +22,6 @@ from densecl_vit.training.visualize import display_scale
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = {0: "sky", 1: "wall", 2: "person", 3: "floor"}
 EXAMPLES = {"seg": "example_overlay.png", "depth": "example_depth.png"}
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def save(model, folder: Path) -> Path:

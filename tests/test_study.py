@@ -2,7 +2,6 @@
 a whole study at tiny size (2 steps per run, 1 seed) including a restart that skips the finished runs."""
 
 import dataclasses
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 
 from densecl_vit.training.study import (
     ARMS,
@@ -21,8 +21,6 @@ from densecl_vit.training.study import (
     run_study,
 )
 from densecl_vit.training.study_report import mean_std, paired_differences, study_markdown
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def loop_patch_cosine(features: np.ndarray) -> np.ndarray:
@@ -137,13 +135,6 @@ def test_markdown_bolds_the_best_arm_in_the_metric_direction():
     differences = text.split("## Paired differences")[1].split("##")[0]
     assert "| frozen | local-to-global − global | -10.0 ± 0.0 |" in differences
     assert "patch cosine" in text and "**" not in text.split("## Encoders")[1]  # diagnostics are not ranked
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def check_report(out: Path, arms: list[str]) -> dict:

@@ -1,6 +1,5 @@
 """Pictures: colours, prediction figures, the three scripts on real photographs, PCA maps and training curves."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import PIL.Image
 import pytest
 import skimage.data
 import torch
-from conftest import tiny_config
+from conftest import load_script, tiny_config
 from matplotlib import colormaps
 
 from densecl_vit.modeling import (
@@ -29,13 +28,6 @@ CLASS_NAMES = {0: "sky", 1: "wall", 2: "cat", 3: "cup", 4: "floor"}
 def run_script(name: str, *args, cwd: Path) -> subprocess.CompletedProcess:
     command = [sys.executable, str(ROOT / "scripts" / f"{name}.py"), *map(str, args)]
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def read_png(path: Path) -> np.ndarray:
