@@ -19,6 +19,7 @@ from densecl_vit.training.samples import (
     decode_depth,
     decode_image,
     decode_label_map,
+    decode_rgb_pixels,
     sample_rng,
     validate_depth,
     validate_image,
@@ -220,6 +221,56 @@ def test_undecodable_values_give_none(value):
     assert decode_image(value) is None
     assert decode_label_map(value) is None
     assert decode_depth(value) is None
+
+
+def _photo(size=(61, 37), seed=0):
+    """A smooth colour image with noise: JPEG-coded, every block of it differs."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0 : size[1], 0 : size[0]]
+    pixels = np.stack([xx * 4, yy * 6, (xx + yy) * 3], axis=-1) + rng.integers(0, 40, (size[1], size[0], 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def _jpeg(image, **kwargs):
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", **kwargs)
+    return buffer.getvalue()
+
+
+def test_decode_rgb_pixels_equals_the_pil_decoder_for_every_jpeg_flavour():
+    photo = _photo()
+    exif = photo.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display": datasets applies it
+    encoded = {
+        "baseline 4:2:0": _jpeg(photo, quality=90),
+        "4:4:4": _jpeg(photo, quality=95, subsampling=0),
+        "progressive": _jpeg(photo, progressive=True),
+        "grey": _jpeg(photo.convert("L")),
+        "cmyk": _jpeg(photo.convert("CMYK")),
+        "exif-rotated": _jpeg(photo, exif=exif.tobytes()),
+        "png": rgb_png(3, (20, 12)),
+    }
+    for name, data in encoded.items():
+        for value in (data, {"bytes": data, "path": None}):
+            pixels = decode_rgb_pixels(value)
+            reference = np.asarray(decode_image(value))
+            assert pixels.dtype == torch.uint8 and pixels.shape == (3, *reference.shape[:2]), name
+            assert np.array_equal(pixels.permute(1, 2, 0).numpy(), reference), name
+    assert decode_rgb_pixels(encoded["exif-rotated"]).shape == (3, 61, 37)  # turned upright
+
+
+def test_decode_rgb_pixels_skips_what_pil_skips(tmp_path, monkeypatch):
+    data = _jpeg(_photo((200, 120)))
+    assert decode_rgb_pixels({"bytes": data[: len(data) // 2], "path": None}) is None  # truncated
+    assert decode_rgb_pixels(b"\xff\xd8\xff not a jpeg") is None
+    assert decode_rgb_pixels(None) is None
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200 * 120 // 3)  # 200 x 120 is over twice the limit
+    assert decode_rgb_pixels(data) is None  # PIL's decompression-bomb check still applies
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(data)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    from_path = decode_rgb_pixels({"bytes": None, "path": str(path)})  # a path goes through PIL
+    assert np.array_equal(from_path.permute(1, 2, 0).numpy(), np.asarray(decode_image(data)))
 
 
 def test_decode_label_map_and_depth():

@@ -45,7 +45,7 @@ from .optim import (
     warmup_steps_from_fraction,
 )
 from .run_end import finish_run, save_model
-from .samples import decode_image, validate_image
+from .samples import decode_rgb_pixels, validate_image
 from .sources import open_stream, resolve_column
 from .transforms import BatchedColorAugment, SimCLRAugmentConfig, TwoViewTransform
 
@@ -180,7 +180,7 @@ def two_view_sample(
     example: dict[str, Any], rng: np.random.Generator, column: str, transform: TwoViewTransform
 ) -> dict[str, torch.Tensor] | str:
     """A stream example -> its two views (3, S, S) as `pixel_values` / `pixel_values_2`, or a skip reason."""
-    image = decode_image(example[column])
+    image = decode_rgb_pixels(example[column])
     reason = validate_image(image)
     if reason is not None:
         return reason

