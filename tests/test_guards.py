@@ -2,6 +2,7 @@ import json
 import math
 import os
 import signal
+import types
 
 import pytest
 import torch
@@ -176,3 +177,85 @@ def test_progress_bar_main_process_only():
     bar = progress_bar(5, Rank(True), desc="train")
     assert bar.disable is False and bar.total == 5
     bar.close()
+
+
+# --- the device-side decision (`defer` / `sync`) --------------------------------------------------------------
+
+NAN, INF = float("nan"), float("inf")
+
+
+def test_deferred_guard_counts_what_check_counts_and_reads_back_only_at_sync():
+    losses = [1.0, NAN, 2.0, NAN, NAN, 3.0, INF, 1.0]
+    host, device = NonFiniteGuard(max_consecutive=3), NonFiniteGuard(max_consecutive=3)
+    for step, value in enumerate(losses):
+        expected = host.check(torch.tensor(value), grad_norm=torch.tensor(1.0), step=step)
+        flag = device.defer(torch.tensor(value), torch.tensor(1.0), step)
+        assert isinstance(flag, torch.Tensor) and flag.dtype == torch.bool and bool(flag) == expected
+        if step == 4:  # counts reach the host only at a sync
+            assert device.num_skipped == 0
+            device.sync()
+            assert (device.consecutive, device.num_skipped) == (host.consecutive, host.num_skipped) == (2, 3)
+    device.sync()
+    assert (device.consecutive, device.num_skipped) == (host.consecutive, host.num_skipped) == (0, 4)
+    device.sync()  # nothing pending: a no-op
+    assert device.num_skipped == 4
+
+
+def test_deferred_guard_names_the_step_where_the_streak_reached_the_limit():
+    guard = NonFiniteGuard(max_consecutive=2)
+    guard.defer(torch.tensor(1.0), torch.tensor(0.5), 6)
+    guard.sync()
+    guard.defer(torch.tensor(NAN), torch.tensor(0.5), 7)  # streak 1: across the sync
+    guard.sync()
+    guard.defer(torch.tensor(2.0), torch.tensor(INF), 8)  # streak 2 here: diverged at step 8
+    guard.defer(torch.tensor(NAN), torch.tensor(NAN), 9)
+    with pytest.raises(TrainingDiverged) as err:
+        guard.sync()
+    assert str(err.value).startswith(
+        "training diverged at step 8: 2 consecutive non-finite steps (loss=2, grad_norm=inf)"
+    )
+    assert guard.consecutive == 3 and guard.num_skipped == 3
+
+
+def _linear_run(accelerator, bad_batch):
+    """A linear model trained by `loop.train_step` over 4 batches with a constant lr; batch 2 is NaN when
+    `bad_batch`, left out otherwise."""
+    from densecl_vit.training.loop import train_step
+    from densecl_vit.training.optim import build_adamw, param_groups_weight_decay
+
+    class Regression(nn.Linear):
+        def forward(self, x):
+            return types.SimpleNamespace(loss=super().forward(x).pow(2).mean())
+
+    torch.manual_seed(0)
+    model = Regression(4, 3)
+    optimizer = build_adamw(param_groups_weight_decay(model, 0.05), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    guard, flags = NonFiniteGuard(max_consecutive=3), []
+    for index in range(4):
+        x = torch.randn(5, 4)
+        if index == 2:
+            if not bad_batch:
+                continue
+            x[0, 0] = NAN
+        flags.append(train_step(accelerator, model, optimizer, scheduler, {"x": x}, guard, step=index)[1])
+    guard.sync()
+    return model, optimizer, guard, flags
+
+
+def test_a_fused_optimizer_skips_a_non_finite_update_on_the_device():
+    accelerator = Accelerator(cpu=True)
+    try:
+        model, optimizer, guard, flags = _linear_run(accelerator, bad_batch=True)
+        reference, reference_optimizer, _, _ = _linear_run(accelerator, bad_batch=False)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert optimizer.optimizer.defaults["fused"]  # the optimiser the training scripts build, on the CPU too
+    assert all(isinstance(flag, torch.Tensor) for flag in flags) and [bool(f) for f in flags] == [0, 0, 1, 0]
+    assert guard.num_skipped == 1 and guard.consecutive == 0
+    for mine, theirs in zip(model.parameters(), reference.parameters()):
+        assert torch.isfinite(mine).all() and torch.equal(mine, theirs)  # the NaN step changed nothing
+    states = (optimizer.state_dict()["state"].values(), reference_optimizer.state_dict()["state"].values())
+    for mine, theirs in zip(*states):
+        assert all(torch.equal(mine[key], theirs[key]) for key in ("step", "exp_avg", "exp_avg_sq"))

@@ -363,6 +363,40 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(files, tmp_path, monkeypa
     assert validate_checkpoint(out / "checkpoints" / "step-00000002") is None
 
 
+def test_training_steps_read_nothing_back_from_the_device(files, tmp_path, monkeypatch):
+    """Between logging steps a step neither reads a tensor's value on the host (which on an accelerator waits
+    for the device) nor asks the guard for its counts; a non-finite step among them is still skipped."""
+    from densecl_vit.training import loop
+
+    inside, reads, syncs = [False], [], []
+    for name in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _name=name, _original=original, **kwargs):
+            if inside[0]:
+                reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    step = loop.train_step
+
+    def watched(*args, **kwargs):
+        inside[0] = True
+        try:
+            return step(*args, **kwargs)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(loop, "train_step", watched)
+    sync = loop.NonFiniteGuard.sync
+    monkeypatch.setattr(loop.NonFiniteGuard, "sync", lambda self: syncs.append(1) or sync(self))
+    patch_loss(monkeypatch, lambda call, loss: loss * float("nan") if call == 4 else loss)
+    out = tmp_path / "run"
+    assert run(tiny_args(files, out, "--max-steps", "6", "--log-every", "3", "--checkpoint-every", "99")) == 0
+    assert reads == [] and len(syncs) == 2  # steps 3 and 6
+    assert [r["nonfinite_skips"] for r in metrics(out)] == [0, 1] and results(out)["nonfinite_skips"] == 1
+
+
 def test_corrupt_images_are_skipped_and_reported(files, tmp_path, capsys):
     data = write_parquet(tmp_path / "some_bad.parquet", 24, corrupt={3, 10, 17})
     out = tmp_path / "run"

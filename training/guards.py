@@ -18,6 +18,8 @@ The training step these are written for::
                 save_checkpoint(accelerator, cfg.output_dir, step + 1, extra, keep_last=cfg.keep_last)
             if stop:
                 break
+
+`loop.train_step` decides on the device instead (`NonFiniteGuard.defer`) when the optimiser is fused.
 """
 
 from __future__ import annotations
@@ -112,12 +114,21 @@ def grad_norm_of(parameters: Iterable[torch.Tensor]) -> torch.Tensor | None:
 class NonFiniteGuard:
     """Skip updates whose loss or gradients are NaN/inf; give up after ``max_consecutive`` in a row.
 
-    ``check`` folds the loss and the global gradient norm (pass the one ``clip_grad_norm_`` already
-    returned, otherwise it is computed from ``model``) into one ``torch.isfinite`` and reads back a single
-    bool: one host sync per step. In a multi-process run pass the grad norm: gradients are all-reduced,
-    so every process sees the same norm and reaches the same decision, while a loss is per process.
-    With fp16 the GradScaler overflows a few times while it calibrates its scale; keep
-    ``max_consecutive`` above that.
+    Two ways to use it:
+
+    - ``check`` (host decision) folds the loss and the global gradient norm (pass the one
+      ``clip_grad_norm_`` already returned, otherwise it is computed from ``model``) into one
+      ``torch.isfinite`` and reads back a single bool: one host sync per step. It raises
+      ``TrainingDiverged`` at the ``max_consecutive``-th non-finite step in a row.
+    - ``defer`` (device decision) returns the skip flag as a 0-dim tensor on the device, for an optimiser
+      that skips on the device (torch's fused Adam/AdamW take it as ``found_inf``, as with a GradScaler),
+      and keeps the streak and skip counts on the device too: no host sync. ``sync(step)`` reads them back
+      (one host read; call it at logging and checkpoint steps) and raises ``TrainingDiverged`` naming the
+      step where the streak reached ``max_consecutive``, with that step's loss and gradient norm.
+
+    In a multi-process run pass the grad norm: gradients are all-reduced, so every process sees the same
+    norm and reaches the same decision, while a loss is per process. With fp16 the GradScaler overflows a
+    few times while it calibrates its scale; keep ``max_consecutive`` above that.
     """
 
     def __init__(self, max_consecutive: int = 10):
@@ -126,6 +137,8 @@ class NonFiniteGuard:
         self.max_consecutive = max_consecutive
         self.consecutive = 0
         self.num_skipped = 0
+        self._pending: dict[str, torch.Tensor] | None = None  # `defer`'s device counters since the last sync
+        self._deferred_norm = False  # whether `defer` was given gradient norms (for the error message)
 
     @staticmethod
     def finite_flag(
@@ -158,17 +171,57 @@ class NonFiniteGuard:
         self.consecutive += 1
         self.num_skipped += 1
         if self.consecutive >= self.max_consecutive:
-            raise TrainingDiverged(self._message(loss, grad_norm, step))
+            raise TrainingDiverged(self._message(self.consecutive, loss, grad_norm, step))
         return True
 
-    def _message(self, loss: Any, grad_norm: Any, step: int | None) -> str:
+    def defer(
+        self, loss: torch.Tensor, grad_norm: torch.Tensor | None = None, step: int = -1
+    ) -> torch.Tensor:
+        """The skip decision of this update as a 0-dim bool tensor on the loss's device; no host sync.
+
+        The streak, the skip count and the first step (`step`, an int) where the streak reached
+        ``max_consecutive`` are updated on the device; ``sync`` reads them.
+        """
+        bad = self.finite_flag(loss, grad_norm).logical_not()
+        p = self._pending
+        if p is None:
+            zero = torch.zeros((), dtype=torch.float32, device=bad.device)
+            p = dict(streak=zero + self.consecutive, skipped=zero, at=zero - 1, loss=zero, norm=zero)
+        streak = (p["streak"] + 1) * bad
+        hit = (p["at"] < 0) & (streak >= self.max_consecutive)
+        self._deferred_norm = grad_norm is not None
+        norm = p["norm"] if grad_norm is None else torch.as_tensor(grad_norm).detach().float()
+        self._pending = {
+            "streak": streak,
+            "skipped": p["skipped"] + bad,
+            "at": torch.where(hit, step, p["at"]),
+            "loss": torch.where(hit, loss.detach().float(), p["loss"]),
+            "norm": torch.where(hit, norm, p["norm"]),
+        }
+        return bad
+
+    def sync(self) -> None:
+        """Read the counters of the deferred steps since the last sync (one host read). Raises
+        ``TrainingDiverged`` if a streak of ``max_consecutive`` non-finite steps was reached."""
+        if self._pending is None:
+            return
+        values = dict(zip(self._pending, torch.stack(list(self._pending.values())).tolist()))
+        self._pending = None
+        self.consecutive, self.num_skipped = int(values["streak"]), self.num_skipped + int(values["skipped"])
+        if values["at"] >= 0:
+            norm = values["norm"] if self._deferred_norm else None
+            message = self._message(self.max_consecutive, values["loss"], norm, int(values["at"]))
+            raise TrainingDiverged(message)
+
+    @staticmethod
+    def _message(consecutive: int, loss: Any, grad_norm: Any, step: int | None) -> str:
         def show(value: Any) -> str:
             value = float(torch.as_tensor(value).float().reshape(-1)[0]) if value is not None else math.nan
             return f"{value:.4g}"
 
         where = f" at step {step}" if step is not None else ""
         return (
-            f"training diverged{where}: {self.consecutive} consecutive non-finite steps "
+            f"training diverged{where}: {consecutive} consecutive non-finite steps "
             f"(loss={show(loss)}, grad_norm={show(grad_norm) if grad_norm is not None else 'n/a'}); "
             "likely causes: learning rate too high (try a lower --lr or a longer warm-up), "
             "fp16 overflow (try --mixed-precision bf16), no gradient clipping (set a max grad norm such as 1.0)"

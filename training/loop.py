@@ -4,8 +4,9 @@
 drives them, hands the final state to `run_end.finish_run` as a `RunOutcome`, and stops cleanly with a
 checkpoint on SIGTERM/SIGINT. The run's options and state types live in `engine`.
 
-Host syncs: the loss stays on the device and is pulled, reduced over processes, every `log_every` steps.
-The one per-step sync is `NonFiniteGuard`'s single bool, which is what lets a non-finite update be skipped.
+Host syncs: none inside a step with a fused optimiser (the default): the loss, the skip decision of
+`NonFiniteGuard` and its counts stay on the device, and are read back, reduced over processes, at logging
+and checkpoint steps. With another optimiser, or fp16, the guard reads back one bool per step.
 """
 
 from __future__ import annotations
@@ -78,22 +79,43 @@ def train_step(
     guard: NonFiniteGuard,
     grad_clip: float | None = None,
     step: int | None = None,
-) -> tuple[torch.Tensor, bool]:
-    """One update from `model(**batch).loss`; returns the detached loss (on the device) and whether it was skipped.
+) -> tuple[torch.Tensor, bool | torch.Tensor]:
+    """One update from `model(**batch).loss`; returns the detached loss (on the device) and whether the update
+    was skipped: a bool, or a 0-dim bool tensor on the device when the optimiser skips there.
 
     The gradient norm is always computed (clipping at `grad_clip`, or at infinity, which leaves the
-    gradients untouched); it is all-reduced, so every process takes the same skip decision.
+    gradients untouched); it is all-reduced, so every process takes the same skip decision. A fused
+    Adam/AdamW (what `optim.build_adamw` builds wherever torch has the kernels) takes the decision as
+    ``found_inf`` and skips on the device, with no host sync: `guard.sync()` later reads the counts. Other
+    optimisers, and fp16 (whose GradScaler owns ``found_inf``), read the decision back every step.
     """
     loss = model(**batch).loss
     accelerator.backward(loss)
     loss = loss.detach()
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
-    skipped = guard.check(loss, grad_norm=grad_norm, step=step)
-    if not skipped or accelerator.scaler is not None:
-        optimizer.step()  # fp16: the GradScaler skips non-finite updates itself and must see every step
+    inner = _device_skipping_optimizer(accelerator, optimizer)
+    if inner is not None:
+        skipped = guard.defer(loss, grad_norm, -1 if step is None else step)
+        inner.found_inf = skipped.float()
+        try:
+            optimizer.step()
+        finally:
+            del inner.found_inf
+    else:
+        skipped = guard.check(loss, grad_norm=grad_norm, step=step)
+        if not skipped or accelerator.scaler is not None:
+            optimizer.step()  # fp16: the GradScaler skips non-finite updates itself and must see every step
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, skipped
+
+
+def _device_skipping_optimizer(accelerator: Accelerator, optimizer: Any) -> torch.optim.Optimizer | None:
+    """The torch optimiser inside `optimizer` if it can skip a step on the device (a fused kernel that reads
+    ``found_inf``, as GradScaler uses it) and no GradScaler owns that attribute; else None."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it in an AcceleratedOptimizer
+    fused = isinstance(inner, torch.optim.Optimizer) and bool(inner.defaults.get("fused"))
+    return inner if fused and accelerator.scaler is None and inner._step_supports_amp_scaling else None
 
 
 def _batches(loader: Any) -> Iterator[Any]:
@@ -134,14 +156,18 @@ class _Reporter:
         self.bar = progress_bar(total_steps, accelerator, desc=desc, initial=start)
         self.meter = ThroughputMeter(window=max(2, args.log_every))
         self.loss_sum = torch.zeros((), dtype=torch.float32, device=accelerator.device)
-        self.loss_count = 0
+        self.loss_count = torch.zeros((), dtype=torch.float32, device=accelerator.device)
 
     def close(self) -> None:
         self.bar.close()
         self.metrics.close()
 
-    def update(self, loss: torch.Tensor, skipped: bool, images: int) -> None:
-        if not skipped:
+    def update(self, loss: torch.Tensor, skipped: bool | torch.Tensor, images: int) -> None:
+        if isinstance(skipped, torch.Tensor):  # decided on the device: count the step there, no host read
+            kept = skipped.logical_not()
+            self.loss_sum += torch.where(kept, loss.float(), 0.0)
+            self.loss_count += kept
+        elif not skipped:
             self.loss_sum += loss.float()
             self.loss_count += 1
         self.meter.update(images)
@@ -149,10 +175,10 @@ class _Reporter:
 
     def log(self, state: TrainerState, lr: float, loader: Any) -> None:
         """One all-reduce and one host read of the loss since the last log (mean over steps and processes)."""
-        count = torch.tensor(float(self.loss_count), device=self.loss_sum.device)
-        total, count = self.accelerator.reduce(torch.stack([self.loss_sum, count]), reduction="sum").tolist()
+        pair = torch.stack([self.loss_sum, self.loss_count])
+        total, count = self.accelerator.reduce(pair, reduction="sum").tolist()
         self.loss_sum.zero_()
-        self.loss_count = 0
+        self.loss_count.zero_()
         mean = total / count if count else None
         if mean is not None:
             state.last_loss = mean
@@ -229,16 +255,19 @@ def train_loop(
             )
             state.step += 1
             state.images_seen += global_batch
-            state.nonfinite_skips = guard.num_skipped
             state.elapsed_s = elapsed_before + time.perf_counter() - started
             reporter.update(loss, skipped, global_batch)
             last = state.step == total_steps
-            if state.step % args.log_every == 0 or last:
+            log = state.step % args.log_every == 0 or last
+            due = due or state.step % args.checkpoint_every == 0 or last
+            if log or due:
+                guard.sync()  # the device-side skip counts; raises TrainingDiverged
+            state.nonfinite_skips = guard.num_skipped
+            if log:
                 reporter.log(state, lr, loader)
             if evaluate is not None and eval_every and (state.step % eval_every == 0 or last):
                 eval_metrics = reporter.log_eval(state.step, evaluate(state))
                 model.train()
-            due = due or state.step % args.checkpoint_every == 0 or last
             at_checkpoint = due and guard.consecutive == 0  # never mid-streak: keep the last good checkpoints
             stop = preempt.should_stop_at(state.step, force_sync=at_checkpoint)
             if at_checkpoint or stop:
