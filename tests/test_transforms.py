@@ -386,6 +386,16 @@ def test_batched_color_augment_per_sample_parameters_and_determinism():
         module(crops, view=2)
 
 
+def test_batched_color_augment_reads_nothing_back_from_the_images_device():
+    """With parameters from a CPU generator (as pre-training draws them) no value is read from the device the
+    images are on, which on an accelerator would wait for it: meta tensors have no values to read."""
+    module = BatchedColorAugment(CFG)
+    for seed in range(4):  # every operation, blur with several widths among them, is drawn at least once
+        images = torch.zeros(8, 3, S, S, dtype=torch.uint8, device="meta")
+        out = module(images, view=seed % 2, generator=torch.Generator().manual_seed(seed))
+        assert out.device.type == "meta" and out.shape == (8, 3, S, S)
+
+
 def test_cpu_and_batched_output_statistics_agree():
     """On one fixed image, the two paths give the same distribution of per-view mean and contrast."""
     size, n = 24, 300

@@ -156,14 +156,19 @@ def adjust_hue(x: torch.Tensor, shift: Param) -> torch.Tensor:
     return adjust_hsv(x, hue_shift=shift)
 
 
-def _gaussian_taps(sigma: Param, x: torch.Tensor) -> list[Param]:
-    """Weights of offsets 0..R (R = ceil(3 max sigma)) of the normalised kernels of half-width ceil(3 sigma)."""
+def _gaussian_taps(sigma: Param, x: torch.Tensor, max_sigma: float | None = None) -> list[Param]:
+    """Weights of offsets 0..R (R = ceil(3 max sigma)) of the normalised kernels of half-width ceil(3 sigma).
+
+    For a tensor `sigma`, `max_sigma` (its largest value, known on the host) saves reading it from x's device.
+    """
     if isinstance(sigma, float | int):
         radius = math.ceil(3.0 * sigma)
         w = [math.exp(-0.5 * (t / sigma) ** 2) for t in range(radius + 1)]
         return [v / (2.0 * sum(w) - w[0]) for v in w]
     sig = sigma.to(x.device, x.dtype).reshape(-1, 1)  # (B, 1)
-    taps = torch.arange(math.ceil(3.0 * float(sig.max())) + 1, dtype=x.dtype, device=x.device)
+    # the widest sigma in x's dtype, from the host when it knows it (a CPU tensor: no read from x's device)
+    widest = sig.max() if max_sigma is None else torch.tensor(max_sigma, dtype=x.dtype)
+    taps = torch.arange(math.ceil(float(3.0 * widest)) + 1, dtype=x.dtype, device=x.device)
     w = torch.exp(-0.5 * (taps / sig) ** 2) * (taps <= torch.ceil(3.0 * sig))  # (B, R + 1)
     return list(
         (w / (2.0 * w.sum(dim=1, keepdim=True) - w[:, :1])).reshape(-1, 1, 1, 1, len(taps)).unbind(-1)
@@ -202,14 +207,15 @@ def _correlate_(out: torch.Tensor, y: torch.Tensor, w: list[Param], dim: int) ->
     return out
 
 
-def gaussian_blur(x: torch.Tensor, sigma: Param) -> torch.Tensor:
+def gaussian_blur(x: torch.Tensor, sigma: Param, max_sigma: float | None = None) -> torch.Tensor:
     """Separable Gaussian blur of x (B, C, H, W), reflect padding; x is overwritten with the result.
 
     Sample i's kernel has taps exp(-t^2 / (2 sigma_i^2)) for |t| <= ceil(3 sigma_i), normalised to sum 1
     (torchvision's kernel with kernel_size 2 ceil(3 sigma) + 1), applied as sums of shifted slices:
-    faster on CPU than a depthwise convolution.
+    faster on CPU than a depthwise convolution. For per-sample `sigma` on an accelerator, pass its largest
+    value as `max_sigma` if the host knows it: the kernel width then needs no read from the device.
     """
-    w = _gaussian_taps(sigma, x)
+    w = _gaussian_taps(sigma, x, max_sigma)
     radius, (height, width) = len(w) - 1, x.shape[-2:]
     if radius >= min(height, width):
         raise ValueError(
@@ -237,7 +243,8 @@ def apply_color_params(x: torch.Tensor, p: ColorParams) -> torch.Tensor:
     """Jitter (random order per sample), grayscale and blur x (B, 3, H, W) in [0, 1] as `p` says.
 
     Returns a float tensor in [0, 1]; x may be overwritten. Samples are grouped on the host from `p`
-    (any device); each group's parameters go to x's device as one small tensor.
+    (any device); each group's parameters go to x's device as one small tensor. With `p` on the CPU nothing
+    is read back from x's device.
     """
     host = {k: v.tolist() for k, v in vars(p).items()}
     batch = x.shape[0]
@@ -262,7 +269,9 @@ def apply_color_params(x: torch.Tensor, p: ColorParams) -> torch.Tensor:
             rows = [i for i in jittered if host["order"][i][slot] == op and host[name][i] != identity]
             x = apply(x, rows, fn, name)
     x = apply(x, [i for i in range(batch) if host["grayscale"][i]], lambda t: t.copy_(rgb_to_grayscale(t)))
-    return apply(x, [i for i in range(batch) if host["blur"][i]], gaussian_blur, "sigma")
+    blurred = [i for i in range(batch) if host["blur"][i]]
+    widest = max((host["sigma"][i] for i in blurred), default=0.0)
+    return apply(x, blurred, functools.partial(gaussian_blur, max_sigma=widest), "sigma")
 
 
 def apply_sample_color(x: torch.Tensor, p: Mapping[str, Any]) -> torch.Tensor:
