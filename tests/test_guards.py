@@ -215,6 +215,10 @@ def test_deferred_guard_names_the_step_where_the_streak_reached_the_limit():
         "training diverged at step 8: 2 consecutive non-finite steps (loss=2, grad_norm=inf)"
     )
     assert guard.consecutive == 3 and guard.num_skipped == 3
+    unnamed = NonFiniteGuard(max_consecutive=1)
+    unnamed.defer(torch.tensor(NAN))  # no step given, no gradient norm
+    with pytest.raises(TrainingDiverged, match=r"^training diverged: 1 consecutive .*grad_norm=n/a"):
+        unnamed.sync()
 
 
 def _linear_run(accelerator, bad_batch):

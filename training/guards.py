@@ -122,7 +122,7 @@ class NonFiniteGuard:
       ``TrainingDiverged`` at the ``max_consecutive``-th non-finite step in a row.
     - ``defer`` (device decision) returns the skip flag as a 0-dim tensor on the device, for an optimiser
       that skips on the device (torch's fused Adam/AdamW take it as ``found_inf``, as with a GradScaler),
-      and keeps the streak and skip counts on the device too: no host sync. ``sync(step)`` reads them back
+      and keeps the streak and skip counts on the device too: no host sync. ``sync()`` reads them back
       (one host read; call it at logging and checkpoint steps) and raises ``TrainingDiverged`` naming the
       step where the streak reached ``max_consecutive``, with that step's loss and gradient norm.
 
@@ -179,24 +179,27 @@ class NonFiniteGuard:
     ) -> torch.Tensor:
         """The skip decision of this update as a 0-dim bool tensor on the loss's device; no host sync.
 
-        The streak, the skip count and the first step (`step`, an int) where the streak reached
-        ``max_consecutive`` are updated on the device; ``sync`` reads them.
+        The streak, the skip count and the first step where the streak reached ``max_consecutive`` (`step`,
+        an int; -1 for unknown), with its loss and gradient norm, are kept on the device; ``sync`` reads them.
         """
         bad = self.finite_flag(loss, grad_norm).logical_not()
         p = self._pending
         if p is None:
             zero = torch.zeros((), dtype=torch.float32, device=bad.device)
-            p = dict(streak=zero + self.consecutive, skipped=zero, at=zero - 1, loss=zero, norm=zero)
+            p = dict(
+                streak=zero + self.consecutive, skipped=zero, diverged=zero, at=zero, loss=zero, norm=zero
+            )
         streak = (p["streak"] + 1) * bad
-        hit = (p["at"] < 0) & (streak >= self.max_consecutive)
+        first = (p["diverged"] == 0) & (streak >= self.max_consecutive)
         self._deferred_norm = grad_norm is not None
         norm = p["norm"] if grad_norm is None else torch.as_tensor(grad_norm).detach().float()
         self._pending = {
             "streak": streak,
             "skipped": p["skipped"] + bad,
-            "at": torch.where(hit, step, p["at"]),
-            "loss": torch.where(hit, loss.detach().float(), p["loss"]),
-            "norm": torch.where(hit, norm, p["norm"]),
+            "diverged": p["diverged"] + first,
+            "at": torch.where(first, step, p["at"]),
+            "loss": torch.where(first, loss.detach().float(), p["loss"]),
+            "norm": torch.where(first, norm, p["norm"]),
         }
         return bad
 
@@ -208,10 +211,10 @@ class NonFiniteGuard:
         values = dict(zip(self._pending, torch.stack(list(self._pending.values())).tolist()))
         self._pending = None
         self.consecutive, self.num_skipped = int(values["streak"]), self.num_skipped + int(values["skipped"])
-        if values["at"] >= 0:
+        if values["diverged"]:
             norm = values["norm"] if self._deferred_norm else None
-            message = self._message(self.max_consecutive, values["loss"], norm, int(values["at"]))
-            raise TrainingDiverged(message)
+            step = int(values["at"]) if values["at"] >= 0 else None
+            raise TrainingDiverged(self._message(self.max_consecutive, values["loss"], norm, step))
 
     @staticmethod
     def _message(consecutive: int, loss: Any, grad_norm: Any, step: int | None) -> str:
