@@ -12,7 +12,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from densecl_vit import DenseCLViTForPreTraining, DenseCLViTModel
 from densecl_vit.training import benchmark
 from densecl_vit.training.benchmark import (
+    Timing,
     encoder_flops,
+    paired_ratio,
     peak_tflops,
     pretraining_step_flops,
     time_interleaved,
@@ -58,6 +60,7 @@ def test_quick_run_writes_every_section(quick_run):
             bad = {key: row.get(key) for key in keys if not positive_finite(row.get(key))}
             assert not bad, f"{section}: {bad}"
     assert [row["mode"] for row in results["encoder"]] == ["forward", "forward_backward"]
+    assert all(math.isfinite(row["paired_overhead_pct"]) for row in results["pretraining_step"])
     # Same weights: our encoder and timm's compute the same tokens.
     assert results["encoder"][0]["max_abs_difference"] < 1e-5
     assert 0.0 <= results["end_to_end"]["data_wait_fraction"] <= 1.0
@@ -142,6 +145,15 @@ def test_time_interleaved_alternates_order_and_times_every_candidate():
     assert all(len(t.wall) == 3 and len(t.cpu) == 3 and t.median >= 0 for t in timings.values())
     with pytest.raises(ValueError, match="repeats"):
         time_interleaved(candidates, repeats=0, warmup=0, device=torch.device("cpu"))
+
+
+def test_paired_ratio_is_the_median_of_the_rounds_ratios():
+    # the machine halves its speed for rounds 2 and 3: the medians' ratio drifts, the rounds' ratios do not
+    step, encoder = Timing([1.1, 1.1, 2.2, 2.2, 1.1], []), Timing([1.0, 2.0, 2.0, 2.0, 1.0], [])
+    assert paired_ratio(step, encoder) == pytest.approx(1.1)
+    assert step.median / encoder.median == pytest.approx(0.55)
+    with pytest.raises(ValueError):
+        paired_ratio(step, Timing([1.0], []))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")

@@ -263,3 +263,23 @@ def test_a_fused_optimizer_skips_a_non_finite_update_on_the_device():
     states = (optimizer.state_dict()["state"].values(), reference_optimizer.state_dict()["state"].values())
     for mine, theirs in zip(*states):
         assert all(torch.equal(mine[key], theirs[key]) for key in ("step", "exp_avg", "exp_avg_sq"))
+
+
+def test_gradient_norm_without_clipping_is_torchs_norm_and_leaves_the_gradients_alone():
+    from densecl_vit.training.loop import gradient_norm
+
+    accelerator = Accelerator(cpu=True)
+    try:
+        model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+        model(torch.randn(5, 3)).pow(2).sum().backward()
+        grads = [p.grad for p in model.parameters()]
+        before = [g.clone() for g in grads]
+        norm = gradient_norm(accelerator, model.parameters())
+        assert all(p.grad is g for p, g in zip(model.parameters(), grads))  # not replaced
+        assert all(torch.equal(g, b) for g, b in zip(grads, before))
+        assert torch.equal(norm, nn.utils.clip_grad_norm_(model.parameters(), max_norm=math.inf))
+        clipped = gradient_norm(accelerator, model.parameters(), grad_clip=0.5)
+        assert torch.equal(clipped, norm)  # the norm before clipping, as torch returns it
+        torch.testing.assert_close(grad_norm_of(model.parameters()), torch.tensor(0.5))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)

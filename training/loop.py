@@ -15,13 +15,13 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 
 from .checkpoint import (
     STATE_FILE,
@@ -37,6 +37,9 @@ from .runlog import MetricsLogger, ThroughputMeter, progress_bar, read_json
 from .samples import DataError, SkipCounter
 
 logger = logging.getLogger(__name__)
+
+# accelerate's modes where every process ends the backward pass with the whole (all-reduced) gradients
+_WHOLE_GRADIENTS = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
 
 
 def resume(
@@ -83,8 +86,8 @@ def train_step(
     """One update from `model(**batch).loss`; returns the detached loss (on the device) and whether the update
     was skipped: a bool, or a 0-dim bool tensor on the device when the optimiser skips there.
 
-    The gradient norm is always computed (clipping at `grad_clip`, or at infinity, which leaves the
-    gradients untouched); it is all-reduced, so every process takes the same skip decision. A fused
+    The gradient norm is always computed (`gradient_norm`, clipping at `grad_clip` if set); it is of the
+    all-reduced gradients, so every process takes the same skip decision. A fused
     Adam/AdamW (what `optim.build_adamw` builds wherever torch has the kernels) takes the decision as
     ``found_inf`` and skips on the device, with no host sync: `guard.sync()` later reads the counts. Other
     optimisers, and fp16 (whose GradScaler owns ``found_inf``), read the decision back every step.
@@ -92,7 +95,7 @@ def train_step(
     loss = model(**batch).loss
     accelerator.backward(loss)
     loss = loss.detach()
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+    grad_norm = gradient_norm(accelerator, model.parameters(), grad_clip)
     inner = _device_skipping_optimizer(accelerator, optimizer)
     if inner is not None:
         skipped = guard.defer(loss, grad_norm, -1 if step is None else step)
@@ -108,6 +111,22 @@ def train_step(
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, skipped
+
+
+def gradient_norm(
+    accelerator: Accelerator, parameters: Iterable[torch.nn.Parameter], grad_clip: float | None = None
+) -> torch.Tensor | None:
+    """The global L2 norm of the gradients, after clipping them to `grad_clip` if it is set.
+
+    Clipping goes through accelerate, which knows FSDP, DeepSpeed and XLA and unscales fp16 gradients.
+    Without clipping, where every process holds the whole gradients (one process or DDP) and no GradScaler
+    scales them, only the norm is computed, with the function torch's clipping uses: clipping at infinity
+    would multiply every gradient by 1, a pass over all of them for nothing.
+    """
+    plain = accelerator.distributed_type in _WHOLE_GRADIENTS and accelerator.scaler is None
+    if grad_clip is None and plain and hasattr(torch.nn.utils, "get_total_norm"):
+        return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+    return accelerator.clip_grad_norm_(parameters, grad_clip or math.inf)
 
 
 def _device_skipping_optimizer(accelerator: Accelerator, optimizer: Any) -> torch.optim.Optimizer | None:

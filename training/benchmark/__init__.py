@@ -17,7 +17,8 @@ Sections (`results.json` keys, and one table each in `results.md`):
   DataLoader workers) against the same steps on a batch already in memory.
 
 Timing: candidates run interleaved, in A B B A order round after round, so that load from other processes
-and clock drift hit all alike; each reports the median over rounds after warm-up. Ratios between
+and clock drift hit all alike; each reports the median over rounds after warm-up (the pre-training overhead
+also as the median of the rounds' ratios, `paired_ratio`). Ratios between
 candidates of one run are the numbers to compare across machines; absolute rates are of this machine.
 Peak memory: per candidate, CUDA `max_memory_allocated`, or on the CPU the process's peak resident set
 (VmHWM, reset before each candidate through /proc/self/clear_refs; `ru_maxrss` where that is unavailable).
@@ -39,6 +40,7 @@ from .measure import (
     Timing,
     encoder_flops,
     operator_difference,
+    paired_ratio,
     peak_tflops,
     pretraining_step_flops,
     time_interleaved,
@@ -64,6 +66,7 @@ __all__ = [
     "environment",
     "main",
     "operator_difference",
+    "paired_ratio",
     "peak_tflops",
     "pretraining_step_benchmark",
     "pretraining_step_flops",

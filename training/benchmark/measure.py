@@ -199,6 +199,12 @@ def time_interleaved(
     return timings
 
 
+def paired_ratio(numerator: Timing, denominator: Timing) -> float:
+    """Median over rounds of the ratio of two candidates' times in the same round: on a machine whose speed
+    drifts, each ratio compares calls made seconds apart, which the ratio of the two medians does not."""
+    return statistics.median(a / b for a, b in zip(numerator.wall, denominator.wall, strict=True))
+
+
 def timing_summary(timings: dict[str, Timing]) -> dict[str, dict[str, Any]]:
     """Per candidate: median, min and CPU-median seconds and every round's wall seconds (for results.json)."""
     return {

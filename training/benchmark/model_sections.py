@@ -3,7 +3,6 @@ step against the encoder's own two-view forward+backward (``pretraining_step``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +13,7 @@ from ..conversion import densecl_to_timm
 from .measure import (
     encoder_flops,
     operator_difference,
+    paired_ratio,
     pretraining_step_flops,
     time_interleaved,
     timing_summary,
@@ -145,6 +145,7 @@ def _method_part_candidates(
     """The method's additions to the encoder, each alone: the projection head on 2B (N + 1) tokens and the
     normalisation + loss (forward+backward, from leaf tensors), the gradient norm + AdamW step (`optimizer`;
     when it is fused, also an unfused AdamW over the same groups, with its own state, for comparison)."""
+    from ..loop import gradient_norm
     from ..optim import build_adamw, param_groups_weight_decay
 
     config, params, size = model.config, list(model.parameters()), 2 * opts.batch
@@ -173,7 +174,7 @@ def _method_part_candidates(
         def run() -> None:
             for param, grad in zip(params, grads):
                 param.grad = grad
-            accelerator.clip_grad_norm_(params, math.inf)
+            gradient_norm(accelerator, params)  # as `loop.train_step` without --grad-clip
             step_optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -228,6 +229,7 @@ def pretraining_step_benchmark(size: str, opts: BenchOptions, accelerator: Any) 
         "encoder_two_view_images_per_s": opts.batch / base,
         "train_step_images_per_s": opts.batch / step,
         "overhead_pct": 100 * (step / base - 1),
+        "paired_overhead_pct": 100 * (paired_ratio(t["train_step"], t["encoder_two_view"]) - 1),
         "cpu_overhead_pct": 100 * (t["train_step"].cpu_median / t["encoder_two_view"].cpu_median - 1),
         **{f"{part}_pct": 100 * t[part].median / base for part in ("head", "loss", "optimizer")},
         "unfused_optimizer_pct": (
