@@ -156,6 +156,15 @@ def test_paired_ratio_is_the_median_of_the_rounds_ratios():
         paired_ratio(step, Timing([1.0], []))
 
 
+@pytest.mark.parametrize(
+    ("flag", "expected"), [([], False), (["--gpu-augment"], True), (["--no-gpu-augment"], False)]
+)
+def test_gpu_augment_defaults_to_what_pre_training_does_on_the_device(flag, expected):
+    from densecl_vit.training.benchmark import build_parser, resolve_options
+
+    assert resolve_options(build_parser().parse_args(["--quick", *flag])).gpu_augment is expected  # CPU
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
 def test_cuda_without_gpu_is_a_one_line_error(capsys, tmp_path):
     assert benchmark.main(["--device", "cuda", "--output-dir", str(tmp_path)]) == 2

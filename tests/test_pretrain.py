@@ -232,7 +232,9 @@ def test_sixty_steps_lower_the_loss_and_write_loadable_outputs(files, tmp_path):
     assert summary["status"] == "completed" and summary["steps"] == 60 and summary["images_seen"] == 240
     assert summary["final_loss"] == pytest.approx(losses[-1])
     assert summary["total_batch_size"] == 4 and summary["encoder_dir"] == "final"
-    assert load_config(PretrainConfig, out / "config.yaml").crop_scale == (0.35, 1.0)
+    saved = load_config(PretrainConfig, out / "config.yaml")
+    assert saved.crop_scale == (0.35, 1.0)
+    assert saved.gpu_augment is False  # "none" resolved to what ran: the CPU path, without an accelerator
 
     encoder = AutoModel.from_pretrained(out / "final")
     assert isinstance(encoder, DenseCLViTModel)
@@ -261,6 +263,7 @@ def test_gpu_augment_path_runs_on_cpu(files, tmp_path):
     out = tmp_path / "run"
     assert run(tiny_args(files, out, "--max-steps", "2", "--gpu-augment")) == 0
     assert all(np.isfinite(r["loss"]) for r in metrics(out))
+    assert load_config(PretrainConfig, out / "config.yaml").gpu_augment is True
 
 
 # --- exact resumption -------------------------------------------------------------------------------------

@@ -93,8 +93,10 @@ class PretrainConfig(TrainingArgs):
     crop_scale: tuple[float, float] = option(
         (0.08, 1.0), "random resized crop area range, as image fractions"
     )
-    gpu_augment: bool = option(
-        False, "run colour jitter, grayscale, blur and normalisation batched on the device"
+    gpu_augment: bool | None = option(
+        None,
+        "run colour jitter, grayscale, blur and normalisation batched on the device; none: on for an "
+        "accelerator (GPU), off on the CPU",
     )
 
     def validate(self) -> None:
@@ -240,6 +242,8 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     accelerator = build_accelerator(cfg)
     output_dir = Path(cfg.output_dir)
     total_batch = cfg.per_device_batch_size * accelerator.num_processes
+    if cfg.gpu_augment is None:  # resolved here, so config.yaml and the resume check hold what ran
+        cfg.gpu_augment = accelerator.device.type != "cpu"
     with setup_errors():
         loader, num_examples = build_data(cfg, accelerator.process_index, accelerator.num_processes)
         total_steps = total_steps_for(cfg, accelerator.num_processes, num_examples)

@@ -108,7 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--steps", type=int, help="timed steps of the end-to-end run (default 8, quick 2)")
     add("--aug-images", type=int, help="images per augmentation pipeline (default 200, quick 4)")
     add("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
-    add("--gpu-augment", action="store_true", help="end-to-end: colour augmentation batched on the device")
+    add(
+        "--gpu-augment",
+        action=argparse.BooleanOptionalAction,
+        help="end-to-end: colour augmentation batched on the device (default: on for a GPU, as pre-training)",
+    )
     add("--peak-tflops", type=float, help="the accelerator's peak TFLOP/s for MFU (default: from its name)")
     add("--output-dir", default="outputs/benchmark")
     return parser
@@ -163,7 +167,7 @@ def resolve_options(args: argparse.Namespace) -> BenchOptions:
         aug_images=args.aug_images or (4 if quick else 200),
         source_size=(64, 48) if quick else SOURCE_SIZE,
         sections=sections,
-        gpu_augment=args.gpu_augment,
+        gpu_augment=cuda if args.gpu_augment is None else args.gpu_augment,
         peak_tflops=args.peak_tflops or (peak_tflops(name) if cuda else None),
         output_dir=Path(args.output_dir),
     )
