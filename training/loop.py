@@ -134,7 +134,8 @@ def _device_skipping_optimizer(accelerator: Accelerator, optimizer: Any) -> torc
     ``found_inf``, as GradScaler uses it) and no GradScaler owns that attribute; else None."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it in an AcceleratedOptimizer
     fused = isinstance(inner, torch.optim.Optimizer) and bool(inner.defaults.get("fused"))
-    return inner if fused and accelerator.scaler is None and inner._step_supports_amp_scaling else None
+    reads_found_inf = getattr(inner, "_step_supports_amp_scaling", False)
+    return inner if fused and reads_found_inf and accelerator.scaler is None else None
 
 
 def _batches(loader: Any) -> Iterator[Any]:
