@@ -201,6 +201,7 @@ def pretrain_argv(
         "--log-every", s.log_every, "--checkpoint-every", s.pretrain_steps, "--keep-last", 1,
         "--num-workers", s.num_workers, "--seed", s.seed if seed is None else seed,
         "--plot-curves", s.plot_curves, "--output-dir", output_dir,
+        "--gpu-augment", "false",  # the same augmentation stream on any machine (and a config the study can match)
     ]  # fmt: skip
     return [str(arg) for arg in argv]
 
