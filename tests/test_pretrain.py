@@ -318,6 +318,24 @@ def test_sigterm_checkpoints_exits_0_and_resumes_exactly(files, reference, tmp_p
     assert_same_weights(out, reference)
 
 
+def test_a_stop_between_logging_steps_keeps_the_skips_since_the_last_log(files, tmp_path, monkeypatch):
+    """The device-side skip counts are read when a signal stops the run, not only at logging steps."""
+    out = tmp_path / "run"
+
+    def nan_then_sigterm(call, loss):
+        if call == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # the run stops after step 4, between logs at 10 and 12
+        return loss * float("nan") if call == 1 else loss
+
+    patch_loss(monkeypatch, nan_then_sigterm)
+    argv = tiny_args(files, out, "--max-steps", "12", "--log-every", "10", "--checkpoint-every", "100")
+    assert run(argv) == 0
+    assert results(out)["status"] == "preempted" and results(out)["steps"] == 4
+    assert results(out)["nonfinite_skips"] == 1
+    saved = json.loads((out / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
+    assert saved["trainer"]["nonfinite_skips"] == 1
+
+
 def test_truncated_checkpoint_is_skipped_with_a_message(files, reference, tmp_path, caplog):
     out = tmp_path / "run"
     shutil.copytree(reference / "checkpoints", out / "checkpoints")

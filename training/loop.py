@@ -280,16 +280,16 @@ def train_loop(
             last = state.step == total_steps
             log = state.step % args.log_every == 0 or last
             due = due or state.step % args.checkpoint_every == 0 or last
-            if log or due:
+            stop = preempt.should_stop_at(state.step, force_sync=due)
+            if log or due or stop:  # whenever the state is logged or saved
                 guard.sync()  # the device-side skip counts; raises TrainingDiverged
-            state.nonfinite_skips = guard.num_skipped
+                state.nonfinite_skips = guard.num_skipped
             if log:
                 reporter.log(state, lr, loader)
             if evaluate is not None and eval_every and (state.step % eval_every == 0 or last):
                 eval_metrics = reporter.log_eval(state.step, evaluate(state))
                 model.train()
             at_checkpoint = due and guard.consecutive == 0  # never mid-streak: keep the last good checkpoints
-            stop = preempt.should_stop_at(state.step, force_sync=at_checkpoint)
             if at_checkpoint or stop:
                 _save(accelerator, args, state, loader, signature)
                 due = False
