@@ -238,7 +238,9 @@ def build_release(
         save_file(stock.timm_state_dict(model), output / TIMM_FILE, metadata={"format": "pt"})
     for name, path in artefacts.items():
         shutil.copyfile(path, output / name)
-    example = write_example(model, processor, photo, output) if photo is not None else None
+    example = caption = None
+    if photo is not None:
+        example, caption = _write_example(model, processor, photo, options.example_image, output)
 
     base_hub, base_local, datasets = training_sources(training_config or {})
     inputs = CardInputs(
@@ -255,7 +257,7 @@ def build_release(
         base_model_local=None if encoder or options.base_model else base_local,
         datasets=tuple(datasets),
         example_image=example or next((name for name in artefacts if name.endswith(".png")), None),
-        example_caption=_example_caption(model, options.example_image) if example else None,
+        example_caption=caption,
         num_parameters=model.num_parameters(),
     )
     eval_path = output / "eval_results.json" if "eval_results.json" in artefacts else None
@@ -278,23 +280,24 @@ def _example_photo(path: str | os.PathLike | None) -> PIL.Image.Image | None:
         ) from None
 
 
-def write_example(model: PreTrainedModel, processor: Any, photo: PIL.Image.Image, output: Path) -> str:
-    """Save the model's prediction on `photo`, drawn as scripts/predict.py draws it, in `output`; returns its name."""
+def _write_example(
+    model: PreTrainedModel, processor: Any, photo: PIL.Image.Image, source: str | os.PathLike, output: Path
+) -> tuple[str, str]:
+    """Save the model's prediction on `photo` (read from `source`), drawn as scripts/predict.py draws it, in
+    `output`; returns the picture's name and the card's caption of it."""
     from densecl_vit.training.inference import model_task
     from densecl_vit.training.visualize import PICTURE_SUFFIXES, prediction_picture, save_png
 
-    name = f"example{PICTURE_SUFFIXES[model_task(model)]}"
-    save_png(prediction_picture(model, processor, photo), output / name)
-    return name
-
-
-def _example_caption(model: PreTrainedModel, path: str | os.PathLike) -> str:
-    from densecl_vit.training.inference import model_task
-
     task = model_task(model)
-    bundled = Path(path).resolve() == EXAMPLE_PHOTO
-    source = f"a photograph ({EXAMPLE_PHOTO_CREDIT})" if bundled else f"the photograph `{Path(path).name}`"
-    return f"The {task} this model predicts for {source}, drawn as `scripts/predict.py` draws it: {EXAMPLE_LEGENDS[task]}."
+    name = f"example{PICTURE_SUFFIXES[task]}"
+    save_png(prediction_picture(model, processor, photo), output / name)
+    bundled = Path(source).resolve() == EXAMPLE_PHOTO
+    credit = f"a photograph ({EXAMPLE_PHOTO_CREDIT})" if bundled else f"the photograph `{Path(source).name}`"
+    caption = (
+        f"The {task} this model predicts for {credit}, drawn as `scripts/predict.py` draws it: "
+        f"{EXAMPLE_LEGENDS[task]}."
+    )
+    return name, caption
 
 
 def list_files(folder: str | os.PathLike) -> list[Path]:
@@ -362,5 +365,4 @@ __all__ = [
     "load_release_model",
     "push_folder",
     "remote_code_files",
-    "write_example",
 ]
