@@ -20,6 +20,8 @@ import numpy as np
 import PIL.Image
 import torch
 
+from .transforms import image_to_uint8_tensor
+
 UNDECODABLE_IMAGE = "undecodable_image"
 UNDECODABLE_LABEL = "undecodable_label"
 UNDECODABLE_DEPTH = "undecodable_depth"
@@ -166,11 +168,11 @@ def decode_image(value: Any) -> PIL.Image.Image | None:
         return None
 
 
-def _jpeg_bytes(value: Any) -> bytes | None:
+def _jpeg_bytes(value: Any) -> bytes | bytearray | None:
     """The encoded bytes of a value that holds a JPEG in memory (raw bytes or a {"bytes": ...} dict)."""
     data = value.get("bytes") if isinstance(value, dict) else value
     if isinstance(data, (bytes, bytearray)) and data[:3] == b"\xff\xd8\xff":
-        return bytes(data)
+        return data
     return None
 
 
@@ -196,7 +198,7 @@ def decode_rgb_pixels(value: Any) -> torch.Tensor | None:
         except Exception:  # a bomb, a truncated file or a JPEG flavour torchvision lacks: PIL decides below
             pass
     image = decode_image(value)
-    return None if image is None else torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    return None if image is None else image_to_uint8_tensor(image)
 
 
 def decode_label_map(value: Any) -> np.ndarray | None:
