@@ -45,7 +45,7 @@ def run(opts: BenchOptions, argv: Sequence[str] = ()) -> dict[str, Any]:
     """Every selected section; writes results.json and results.md to `opts.output_dir` and returns the results."""
     from ..runlog import atomic_write_text, write_json
 
-    results: dict[str, Any] = {"environment": environment(opts, argv), "seconds": {}, "notes": []}
+    results: dict[str, Any] = {"environment": environment(opts, argv), "seconds": {}, "notes": _notes(opts)}
     accelerator = _accelerator(opts) if {"pretraining_step", "end_to_end"} & set(opts.sections) else None
     sections: dict[str, Callable[[], Any]] = {
         "encoder": lambda: [row for size in opts.sizes for row in encoder_benchmark(size, opts)],
@@ -61,7 +61,6 @@ def run(opts: BenchOptions, argv: Sequence[str] = ()) -> dict[str, Any]:
         start = time.perf_counter()
         results[name] = sections[name]()
         results["seconds"][name] = time.perf_counter() - start
-    results["notes"] = _notes(opts)
     opts.output_dir.mkdir(parents=True, exist_ok=True)
     write_json(opts.output_dir / "results.json", results)
     atomic_write_text(opts.output_dir / "results.md", render_markdown(results))

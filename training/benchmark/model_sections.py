@@ -3,6 +3,7 @@ step against the encoder's own two-view forward+backward (``pretraining_step``).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,23 @@ from .measure import (
     timing_summary,
 )
 from .options import SIZES, BenchOptions, build_config, build_timm, utilisation
+
+
+def _backward_pass(
+    forward: Callable[[], torch.Tensor],
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    clear: Callable[[], None],
+) -> Callable[[], None]:
+    """A candidate: `forward()` under `autocast()`, the backward pass of its mean, then `clear()` the grads."""
+
+    def run() -> None:
+        with autocast():
+            value = forward()
+        value.float().mean().backward()
+        clear()
+
+    return run
+
 
 # --- encoder vs timm -----------------------------------------------------------------------------------
 
@@ -47,13 +65,7 @@ def _pass_candidates(
         return run
 
     def forward_backward(fn: Callable, model: torch.nn.Module) -> Callable[[], None]:
-        def run() -> None:
-            with opts.autocast():
-                tokens = fn(x)
-            tokens.float().mean().backward()
-            model.zero_grad(set_to_none=True)
-
-        return run
+        return _backward_pass(lambda: fn(x), opts.autocast, lambda: model.zero_grad(set_to_none=True))
 
     candidates = {f"{name}_forward": forward(fn) for name, fn in functions.items()}
     candidates.update({f"{n}_forward_backward": forward_backward(f, models[n]) for n, f in functions.items()})
@@ -139,14 +151,12 @@ def _method_part_candidates(
     optimizer: Any,
     accelerator: Any,
     opts: BenchOptions,
-    lr: float,
-    decay: float,
 ) -> dict[str, Callable[[], None]]:
     """The method's additions to the encoder, each alone: the projection head on 2B (N + 1) tokens and the
     normalisation + loss (forward+backward, from leaf tensors), the gradient norm + AdamW step (`optimizer`;
     when it is fused, also an unfused AdamW over the same groups, with its own state, for comparison)."""
     from ..loop import gradient_norm
-    from ..optim import build_adamw, param_groups_weight_decay
+    from ..optim import build_adamw
 
     config, params, size = model.config, list(model.parameters()), 2 * opts.batch
     tokens = (config.image_size // config.patch_size) ** 2 + 1
@@ -154,15 +164,9 @@ def _method_part_candidates(
     projected = torch.randn(size, tokens, config.projection_dim, device=opts.device, requires_grad=True)
     grads = [torch.randn_like(p) * 1e-3 for p in params]
 
-    def backward_of(forward: Callable[[], torch.Tensor]) -> Callable[[], None]:
-        def run() -> None:
-            with accelerator.autocast():
-                value = forward()
-            value.float().mean().backward()
-            optimizer.zero_grad(set_to_none=True)
-            hidden.grad = projected.grad = None
-
-        return run
+    def clear() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        hidden.grad = projected.grad = None
 
     def loss() -> torch.Tensor:
         embeddings = torch.nn.functional.normalize(projected, dim=-1)  # as DenseCLViTForPreTraining.embed
@@ -180,10 +184,14 @@ def _method_part_candidates(
 
         return run
 
-    candidates = {"head": backward_of(lambda: model.projection(hidden)), "loss": backward_of(loss)}
+    candidates = {
+        "head": _backward_pass(lambda: model.projection(hidden), accelerator.autocast, clear),
+        "loss": _backward_pass(loss, accelerator.autocast, clear),
+    }
     candidates["optimizer"] = update(optimizer)
     if optimizer.defaults.get("fused"):
-        unfused = build_adamw(param_groups_weight_decay(model, decay), lr, fused=False)
+        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+        unfused = build_adamw(groups, optimizer.defaults["lr"], fused=False)
         candidates["optimizer_unfused"] = update(unfused)
     return candidates
 
@@ -197,28 +205,23 @@ def pretraining_step_benchmark(size: str, opts: BenchOptions, accelerator: Any) 
     """
     from ..guards import NonFiniteGuard
     from ..loop import train_step
-    from ..optim import scaled_lr
 
     config = build_config(size, opts.image_size)
-    cfg, model, optimizer, scheduler = training_setup(config, opts, accelerator)
+    _, model, optimizer, scheduler = training_setup(config, opts, accelerator)
     inner = accelerator.unwrap_model(model)
     encoder, head = inner.densecl_vit, inner.projection
     shape = (opts.batch, 3, opts.image_size, opts.image_size)
     batch = {key: torch.randn(shape, device=opts.device) for key in ("pixel_values", "pixel_values_2")}
     views, guard = torch.cat([batch["pixel_values"], batch["pixel_values_2"]]), NonFiniteGuard()
 
-    def encoder_two_view() -> None:
-        with accelerator.autocast():
-            tokens = encoder(views).last_hidden_state
-        tokens.float().mean().backward()
-        optimizer.zero_grad(set_to_none=True)
-
     candidates = {
         "train_step": lambda: train_step(accelerator, model, optimizer, scheduler, batch, guard),
-        "encoder_two_view": encoder_two_view,
-        **_method_part_candidates(
-            inner, optimizer, accelerator, opts, scaled_lr(cfg.lr, opts.batch), cfg.weight_decay
+        "encoder_two_view": _backward_pass(
+            lambda: encoder(views).last_hidden_state,
+            accelerator.autocast,
+            lambda: optimizer.zero_grad(set_to_none=True),
         ),
+        **_method_part_candidates(inner, optimizer, accelerator, opts),
     }
     t = time_interleaved(candidates, opts.repeats, opts.warmup, opts.device)
     base, step = t["encoder_two_view"].median, t["train_step"].median

@@ -120,17 +120,16 @@ def _step_row(r: dict[str, Any]) -> list[str]:
 
 def _step_table(rows: list[dict[str, Any]]) -> list[str]:
     header = ["size", "batch (x2 views)", "step img/s", "encoder img/s", "overhead (medians; paired)", "head"]
-    header += ["loss"]
-    header += ["grad norm + AdamW", "FLOP overhead", "peak MB step / encoder", "MFU"]
+    header += ["loss", "grad norm + AdamW", "FLOP overhead", "peak MB step / encoder", "MFU"]
     lines = _table(
         "Pre-training step vs the encoder's two-view forward+backward", header, map(_step_row, rows)
     )
     fused = "fused" if all(r["fused_adamw"] for r in rows) else "not fused"
     return lines + [
         "Overhead: step time / encoder time - 1, from the two medians and as the median of the rounds' "
-        "ratios (paired: robust to a machine whose speed drifts). Head, loss, grad norm + AdamW: each part timed alone, in % of "
-        f"the encoder's time (the training run's AdamW, {fused}; unfused: torch's default kernels). "
-        "FLOP overhead: the floor the head's and the loss's FLOPs set.",
+        "ratios (paired: robust to a machine whose speed drifts). Head, loss, grad norm + AdamW: each part "
+        f"timed alone, in % of the encoder's time (the training run's AdamW, {fused}; unfused: torch's "
+        "default kernels). FLOP overhead: the floor the head's and the loss's FLOPs set.",
         "",
     ]
 
