@@ -172,6 +172,11 @@ def build_model(cfg: PretrainConfig) -> DenseCLViTForPreTraining:
     return model
 
 
+def resolve_gpu_augment(gpu_augment: bool | None, device: torch.device) -> bool:
+    """--gpu-augment as a run uses it: the value given, or by default on for an accelerator, off on the CPU."""
+    return device.type != "cpu" if gpu_augment is None else gpu_augment
+
+
 def augment_config(cfg: PretrainConfig) -> SimCLRAugmentConfig:
     return SimCLRAugmentConfig(
         image_size=cfg.image_size, crop_scale=cfg.crop_scale, gpu_color=cfg.gpu_augment
@@ -242,8 +247,8 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     accelerator = build_accelerator(cfg)
     output_dir = Path(cfg.output_dir)
     total_batch = cfg.per_device_batch_size * accelerator.num_processes
-    if cfg.gpu_augment is None:  # resolved here, so config.yaml and the resume check hold what ran
-        cfg.gpu_augment = accelerator.device.type != "cpu"
+    # resolved here, so config.yaml and the resume check hold what ran
+    cfg.gpu_augment = resolve_gpu_augment(cfg.gpu_augment, accelerator.device)
     with setup_errors():
         loader, num_examples = build_data(cfg, accelerator.process_index, accelerator.num_processes)
         total_steps = total_steps_for(cfg, accelerator.num_processes, num_examples)

@@ -144,6 +144,7 @@ def _check_args(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 def resolve_options(args: argparse.Namespace) -> BenchOptions:
     """Defaults by device and --quick; one-line ValueErrors for impossible values."""
     from ..loader import default_num_workers
+    from ..pretraining import resolve_gpu_augment
 
     sizes, sections = _check_args(args)
     cuda, quick = args.device == "cuda", args.quick
@@ -167,7 +168,7 @@ def resolve_options(args: argparse.Namespace) -> BenchOptions:
         aug_images=args.aug_images or (4 if quick else 200),
         source_size=(64, 48) if quick else SOURCE_SIZE,
         sections=sections,
-        gpu_augment=cuda if args.gpu_augment is None else args.gpu_augment,
+        gpu_augment=resolve_gpu_augment(args.gpu_augment, device),
         peak_tflops=args.peak_tflops or (peak_tflops(name) if cuda else None),
         output_dir=Path(args.output_dir),
     )
