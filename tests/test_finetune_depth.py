@@ -165,6 +165,17 @@ def test_script_trains_and_reports_all_eight_metrics(files, tmp_path):
     assert json.loads((out / "results.json").read_text())["status"] == "completed"
 
 
+def test_without_eval_every_the_final_model_is_evaluated_and_logged_once(files, tmp_path):
+    out = tmp_path / "run"
+    assert cli_main(main, FinetuneDepthConfig, run_args(files, out, "--max-steps", "2")) == 0
+    report = load_eval_results(out / "eval_results.json")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["eval_abs_rel"]) for r in records if "eval_abs_rel" in r] == [
+        (2, report.metrics["abs_rel"])
+    ]
+    assert json.loads((out / "results.json").read_text())["eval_abs_rel"] == report.metrics["abs_rel"]
+
+
 def test_loss_drops_clearly_in_100_steps(files, tmp_path):
     out = tmp_path / "run"
     argv = run_args(files, out, "--max-steps", "100", "--log-every", "10", "--lr", "1e-3", "--eval-split", "none",

@@ -131,12 +131,6 @@ class PeriodicEvaluator:
         self.last_step = state.step
         return dict(self.last_report["metrics"])
 
-    def final(self, state: TrainerState) -> dict[str, Any]:
-        """The report of the model at `state.step`, evaluating only if that step was not evaluated yet."""
-        if self.last_step != state.step:
-            self(state)
-        return self.last_report
-
 
 # --- evaluating a saved folder ------------------------------------------------------------------------
 

@@ -1,6 +1,5 @@
-"""What the two fine-tuning scripts share: their common options, the model start (a pre-training folder, any
-DenseCL-ViT folder, a converted timm/DINO/ViT folder or a random-init preset), layer-wise lr decay optimisers,
-the training loader and its samples, and the run itself (`run_finetuning`): data, model, optimiser, resume,
+"""What the two fine-tuning scripts share: their common options, the optimiser (layer-wise lr decay), the paired
+(image, target) samples, and the run itself (`run_finetuning`): data, model (`model_start`), optimiser, resume,
 `loop.train_loop` with periodic evaluation, then final/, eval_results.json and results.json.
 
 A task module (`segmentation`, `depth`) describes itself as a `FinetuneTask`: its columns, sample decoding and
@@ -320,12 +319,15 @@ def save_final(
     extra: dict[str, Any] = {"model_dir": "final"}
     if evaluator is None:
         return extra
-    evaluated = evaluator.last_step == state.step
-    report = evaluator.final(state)
+    fresh = evaluator.last_step != state.step  # the loop evaluates the last step only with --eval-every
+    if fresh:
+        evaluator(state)
+    report = evaluator.last_report
     scalars = {f"eval_{name}": value for name, value in report["metrics"].items()}
-    if not evaluated:
+    if fresh:
         with MetricsLogger(output_dir, accelerator) as metrics:
             metrics.log(state.step, **scalars)
+        accelerator.log(scalars, step=state.step)
     extra.update(scalars, eval_results="eval_results.json")
     if accelerator.is_main_process:
         write_eval_results(output_dir / "eval_results.json", task, **report)

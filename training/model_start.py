@@ -84,7 +84,7 @@ def describe_load(source: str, report: Mapping[str, Any]) -> str:
 def load_finetuned(model_cls: type, folder: str) -> nn.Module:
     """A fine-tuned task model; refuses a folder whose head would be newly initialised (e.g. an encoder)."""
     model, info = model_cls.from_pretrained(folder, output_loading_info=True)
-    missing = _newly_initialised(sorted(info["missing_keys"]))
+    missing = _newly_initialised(info["missing_keys"])
     if missing:
         raise ValueError(
             f"{folder} holds no trained {model_cls.__name__} ({', '.join(missing)} missing); "
