@@ -90,11 +90,15 @@ class FinetuneDepthConfig(FinetuneArgs):
             raise ValueError(f"--depth-scale must be > 0, got {self.depth_scale}")
         if not 0 < self.min_depth < self.max_depth:
             raise ValueError(f"need 0 < --min-depth < --max-depth, got {self.min_depth} and {self.max_depth}")
-        patch_size = self.patch_size()
-        if self.eval_size is not None and any(side < 1 or side % patch_size for side in self.eval_size):
-            raise ValueError(
-                f"--eval-size {self.eval_size} must hold positive multiples of the patch size {patch_size}"
-            )
+        check_eval_size(self.eval_size, self.patch_size())
+
+
+def check_eval_size(eval_size: tuple[int, int] | None, patch_size: int) -> None:
+    """Refuse an --eval-size that is not (height, width) in positive multiples of the model's patch size."""
+    if eval_size is not None and any(side < 1 or side % patch_size for side in eval_size):
+        raise ValueError(
+            f"--eval-size {eval_size} must hold positive multiples of the model's patch size {patch_size}"
+        )
 
 
 def auto_eigen_crop(eigen_crop: bool | None, dataset: str) -> bool:
@@ -244,11 +248,7 @@ def evaluate_folder(cfg: EvaluateConfig, accelerator: Accelerator) -> dict[str, 
     """Evaluate a fine-tuned depth folder as `cfg` says (depth range: the model's); returns the
     eval_results.json fields."""
     model = load_finetuned(DenseCLViTForDepthEstimation, cfg.model).to(accelerator.device)
-    patch_size = model.config.patch_size
-    if cfg.eval_size is not None and any(side % patch_size for side in cfg.eval_size):
-        raise ValueError(
-            f"--eval-size {cfg.eval_size} must hold multiples of the model's patch size {patch_size}"
-        )
+    check_eval_size(cfg.eval_size, model.config.patch_size)
     protocol = DepthProtocol(
         model.config.min_depth,
         model.config.max_depth,
