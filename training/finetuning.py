@@ -319,7 +319,7 @@ def save_final(
     extra: dict[str, Any] = {"model_dir": "final"}
     if evaluator is None:
         return extra
-    fresh = evaluator.last_step != state.step  # the loop evaluates the last step only with --eval-every
+    fresh = evaluator.last_step != state.step  # the loop evaluated the last step unless it had run already
     if fresh:
         evaluator(state)
     report = evaluator.last_report

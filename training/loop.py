@@ -286,7 +286,7 @@ def train_loop(
                 state.nonfinite_skips = guard.num_skipped
             if log:
                 reporter.log(state, lr, loader)
-            if evaluate is not None and eval_every and (state.step % eval_every == 0 or last):
+            if evaluate is not None and (last or (eval_every and state.step % eval_every == 0)):
                 eval_metrics = reporter.log_eval(state.step, evaluate(state))
                 model.train()
             at_checkpoint = due and guard.consecutive == 0  # never mid-streak: keep the last good checkpoints
