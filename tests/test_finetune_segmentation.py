@@ -300,6 +300,25 @@ def test_script_trains_evaluates_and_writes_its_outputs(files, tmp_path, capsys)
     )
 
 
+@pytest.mark.slow  # ~1-2 min: torch.compile builds CPU kernels for training and for the evaluation shapes
+def test_compile_trains_and_evaluates_the_same_model(files, tmp_path):
+    from torch._dynamo.utils import counters
+
+    plain, compiled = tmp_path / "plain", tmp_path / "compiled"
+    for out, extra in ((plain, []), (compiled, ["--compile"])):
+        counters.clear()
+        assert (
+            cli_main(main, FinetuneSegmentationConfig, run_args(files, out, "--max-steps", "2", *extra)) == 0
+        )
+        assert (counters["stats"]["unique_graphs"] > 0) == bool(extra)  # graphs were compiled, and only here
+    mine, theirs = (load_file(str(out / "final" / "model.safetensors")) for out in (compiled, plain))
+    assert mine.keys() == theirs.keys()  # the plain model's parameter names, no compile wrapper
+    for name in theirs:
+        torch.testing.assert_close(mine[name], theirs[name], atol=1e-4, rtol=1e-4, msg=name)
+    scores = [json.loads((out / "results.json").read_text())["eval_mean_iou"] for out in (compiled, plain)]
+    assert scores[0] == pytest.approx(scores[1], abs=1e-3)
+
+
 @pytest.mark.slow  # ~25-45 s on 2 shared cores, nearly all of it the child's imports
 def test_script_runs_as_a_subprocess_and_refuses_bad_options(files, tmp_path):
     out = tmp_path / "run"

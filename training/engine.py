@@ -5,7 +5,7 @@ A script built on this module reads like accelerate's `complete_cv_example.py` s
     accelerator = build_accelerator(cfg)                        # seeds, trackers; precision from accelerate
     with setup_errors():                                        # a ValueError here: one line, exit status 2
         loader, num_examples = build_data(cfg, ...)             # a StreamLoader (not passed to prepare)
-        model = build_model(cfg).to(accelerator.device)
+        model = apply_model_options(build_model(cfg), cfg).to(accelerator.device)  # checkpointing, compile
         optimizer, scheduler = build_optimizer(cfg, model, ...) # after .to(device): fused kernels where torch has them
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         signature = run_signature(cfg, accelerator)
@@ -238,6 +238,19 @@ def total_steps_for(args: TrainingArgs, num_processes: int, num_examples: int | 
             "the stream does not say how many examples it holds; set --num-train-samples for --epochs"
         )
     return max(1, math.floor(args.epochs * examples / (args.per_device_batch_size * num_processes)))
+
+
+def apply_model_options(model: Any, args: TrainingArgs) -> Any:
+    """--gradient-checkpointing and --compile on a freshly built model; returns it.
+
+    Compiling is in place (`nn.Module.compile`): parameter names, and so saved checkpoints, stay those of the
+    plain model.
+    """
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.compile:
+        model.compile()
+    return model
 
 
 def train_loader(

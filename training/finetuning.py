@@ -26,6 +26,7 @@ from .engine import (
     CRITICAL_KEYS,
     TrainerState,
     TrainingArgs,
+    apply_model_options,
     build_accelerator,
     run_signature,
     setup_errors,
@@ -210,14 +211,13 @@ class FinetuneTask:
 def build_model(
     cfg: FinetuneArgs, task: FinetuneTask, overrides: Mapping[str, Any], accelerator: Accelerator
 ) -> nn.Module:
-    """The task model on the --model start with `overrides` and drop path, on the accelerator's device."""
+    """The task model on the --model start with `overrides` and drop path, checkpointed and compiled as asked,
+    on the accelerator's device."""
     model, report = load_task_model(
         task.model_class, cfg.model, cfg.crop_size, **overrides, drop_path_rate=cfg.drop_path_rate
     )
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     accelerator.print(describe_load(cfg.model, report))
-    return model.to(accelerator.device)
+    return apply_model_options(model, cfg).to(accelerator.device)
 
 
 def run_finetuning(cfg: FinetuneArgs, task: FinetuneTask) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from .config import option, save_config
 from .engine import (
     CRITICAL_KEYS,
     TrainingArgs,
+    apply_model_options,
     build_accelerator,
     run_signature,
     setup_errors,
@@ -167,8 +168,6 @@ def build_model(cfg: PretrainConfig) -> DenseCLViTForPreTraining:
             overrides, image_size=cfg.image_size, patch_size=cfg.patch_size or fields.get("patch_size", 16)
         )
         model = DenseCLViTForPreTraining(DenseCLViTConfig.from_dict(fields))
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -252,9 +251,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     with setup_errors():
         loader, num_examples = build_data(cfg, accelerator.process_index, accelerator.num_processes)
         total_steps = total_steps_for(cfg, accelerator.num_processes, num_examples)
-        model = build_model(cfg).to(accelerator.device)
-        if cfg.compile:
-            model.compile()  # in place: parameter names and saved checkpoints stay those of the plain model
+        model = apply_model_options(build_model(cfg), cfg).to(accelerator.device)
         optimizer, scheduler = build_optimizer(cfg, model, total_batch, total_steps)
         accelerator.print(describe_param_groups(optimizer.param_groups))
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
