@@ -8,6 +8,10 @@ This file imports only torch: it travels as Hub remote code next to the modeling
   https://arxiv.org/abs/2002.05709 (NT-Xent).
 - [2] Laina et al., "Deeper Depth Prediction with Fully Convolutional Residual Networks", 2016,
   https://arxiv.org/abs/1606.00373 (berHu loss).
+- [3] Wang et al., "Dense Contrastive Learning for Self-Supervised Visual Pre-Training" (DenseCL), 2021,
+  https://arxiv.org/abs/2011.09157; Xie et al., "Propagate Yourself" (PixPro), 2021,
+  https://arxiv.org/abs/2011.10043; Bardes et al., "VICRegL", 2022, https://arxiv.org/abs/2210.01571
+  (dense terms whose positives are the geometrically corresponding locations of two views).
 
 The contrastive losses work on log-sum-exp only and never exponentiate a logit, so bf16/fp16 embeddings
 cannot overflow; the logits are taken to float32 (or wider) after the matrix product.
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "berhu_loss",
@@ -24,6 +29,8 @@ __all__ = [
     "global_info_nce",
     "gradient_loss",
     "local_global_info_nce",
+    "local_local_info_nce",
+    "match_patches",
     "rank_batch_offset",
     "symmetric_local_global_loss",
 ]
@@ -161,6 +168,211 @@ def symmetric_local_global_loss(
         global_embeddings_2, local_embeddings_1, temperature, negative_local_embeddings_1, batch_offset
     )
     return 0.5 * (loss_12 + loss_21)
+
+
+def _patch_grid(num_patches: int, grid_size: tuple[int, int] | None) -> tuple[int, int]:
+    if grid_size is None:
+        side = round(num_patches**0.5)
+        grid_size = (side, side)
+    if grid_size[0] * grid_size[1] != num_patches:
+        raise ValueError(
+            f"grid_size {tuple(grid_size)} does not hold {num_patches} patches; pass the (rows, columns) of the "
+            "patch grid for non-square views."
+        )
+    return grid_size
+
+
+def match_patches(
+    crop_boxes_1: torch.Tensor,
+    flips_1: torch.Tensor,
+    grid_size_1: tuple[int, int],
+    crop_boxes_2: torch.Tensor,
+    flips_2: torch.Tensor,
+    grid_size_2: tuple[int, int],
+) -> torch.Tensor:
+    """For every view-1 patch, the index of the view-2 patch of the same image that holds its centre, or -1.
+
+    A view is the crop box (left, top, width, height) of the source image, in source pixels, resized to the
+    view and then flipped horizontally when its flag is set. The centre of view-1 patch (r, c) of a
+    (rows, cols) grid sits at the fractions u = (c + 0.5) / cols, v = (r + 0.5) / rows of the view (u -> 1 - u
+    when flipped), i.e. at (left + u * width, top + v * height) in the source. It matches view 2 when that point
+    lies in view 2's box, half-open [left, left + width) x [top, top + height); the matching patch is the one
+    whose cell contains the point after view 2's own flip.
+
+    Args:
+        crop_boxes_1: (B, 4) boxes of view 1, source pixels.
+        flips_1: (B,) horizontal flip flags of view 1.
+        grid_size_1: (rows, cols) of view 1's patch grid.
+        crop_boxes_2, flips_2, grid_size_2: the same for view 2.
+
+    Returns:
+        (B, rows_1 * cols_1) long tensor of row-major view-2 patch indices, -1 where the centre is outside view 2.
+    """
+    rows_1, cols_1 = grid_size_1
+    rows_2, cols_2 = grid_size_2
+    device, dtype = crop_boxes_1.device, torch.float64
+    box_1, box_2 = crop_boxes_1.to(dtype), crop_boxes_2.to(dtype)
+    v = (torch.arange(rows_1, device=device, dtype=dtype) + 0.5) / rows_1  # (R1,)
+    u = (torch.arange(cols_1, device=device, dtype=dtype) + 0.5) / cols_1  # (C1,)
+    u = torch.where(flips_1.bool()[:, None], 1 - u, u)  # (B, C1)
+    x = box_1[:, 0, None, None] + u[:, None, :] * box_1[:, 2, None, None]  # (B, 1, C1) source column
+    y = box_1[:, 1, None, None] + v[None, :, None] * box_1[:, 3, None, None]  # (B, R1, 1) source row
+    u_2 = (x - box_2[:, 0, None, None]) / box_2[:, 2, None, None]  # (B, 1, C1) fraction across view 2
+    v_2 = (y - box_2[:, 1, None, None]) / box_2[:, 3, None, None]  # (B, R1, 1)
+    inside = (u_2 >= 0) & (u_2 < 1) & (v_2 >= 0) & (v_2 < 1)  # (B, R1, C1)
+    u_2 = torch.where(flips_2.bool()[:, None, None], 1 - u_2, u_2)
+    col = (u_2 * cols_2).floor().clamp(0, cols_2 - 1).long()
+    row = (v_2 * rows_2).floor().clamp(0, rows_2 - 1).long()
+    index = torch.where(inside, row * cols_2 + col, torch.full_like(inside, -1, dtype=torch.long))
+    return index.flatten(1)
+
+
+def _matched_losses(
+    anchors: torch.Tensor,
+    candidates: torch.Tensor,
+    positive: torch.Tensor,
+    weight: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """sum_k weight_k * (logsumexp_m(a_k.c_m / t) - a_k.c_pos(k) / t) for (K, D) anchors, (M, D) candidates."""
+    logits = _logits(anchors @ candidates.T, temperature)  # (K, M)
+    losses = torch.logsumexp(logits, dim=1) - logits.gather(1, positive[:, None])[:, 0]  # (K,)
+    return (losses * weight).sum()
+
+
+def _dense_direction(
+    anchors: torch.Tensor,
+    candidates: torch.Tensor,
+    match: torch.Tensor,
+    batch_offset: int,
+    temperature: float,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed InfoNCE of the matched anchors of one direction, and how many there were (both on the device).
+
+    anchors (B, N1, D), candidates (B_all, N2, D), match (B, N1) from `match_patches`. Unmatched anchors are
+    weighted 0 rather than dropped, so the step never waits for the host to learn how many matched. Each chunk
+    of `chunk_size` anchors is checkpointed: its (chunk, B_all * N2) logits are recomputed in the backward pass
+    instead of being kept, so memory grows with the chunk, not with (B * N)^2.
+    """
+    batch = torch.arange(match.shape[0], device=match.device)[:, None] + batch_offset  # (B, 1)
+    positive = (batch * candidates.shape[1] + match.clamp_min(0)).flatten()  # (B * N1,) flat candidate column
+    dtype = torch.promote_types(candidates.dtype, torch.float32)  # half-precision products taken in float32
+    rows, flat = anchors.flatten(0, 1).to(dtype), candidates.flatten(0, 1).to(dtype)
+    weight = (match >= 0).flatten().to(dtype)
+    recompute = torch.is_grad_enabled() and (rows.requires_grad or flat.requires_grad)
+    total = flat.new_zeros(())
+    for start in range(0, rows.shape[0], chunk_size):
+        part = slice(start, start + chunk_size)
+        args = (rows[part], flat, positive[part], weight[part], temperature)
+        total = total + (
+            checkpoint(_matched_losses, *args, use_reentrant=False) if recompute else _matched_losses(*args)
+        )
+    return total, weight.sum()
+
+
+def local_local_info_nce(
+    local_embeddings_1: torch.Tensor,
+    local_embeddings_2: torch.Tensor,
+    crop_boxes_1: torch.Tensor,
+    flips_1: torch.Tensor,
+    crop_boxes_2: torch.Tensor,
+    flips_2: torch.Tensor,
+    temperature: float = 0.1,
+    grid_size_1: tuple[int, int] | None = None,
+    grid_size_2: tuple[int, int] | None = None,
+    negative_local_embeddings_1: torch.Tensor | None = None,
+    negative_local_embeddings_2: torch.Tensor | None = None,
+    batch_offset: int = 0,
+    chunk_size: int = 4096,
+) -> torch.Tensor:
+    """Dense local-to-local InfoNCE between geometrically corresponding patches of two views (the idea of [3]).
+
+    Each view-1 patch whose centre falls inside view 2's crop (`match_patches`) is an anchor a; its positive p
+    is the view-2 patch of the same image that holds that point, and every other view-2 patch of the batch is a
+    negative, the same image's other patches included (they keep an image's patches apart, which the
+    local-to-global loss of [0] does not): l_a = -log(e^{a.p/t} / sum_{c in view-2 patches} e^{a.c/t}). The
+    same with the views swapped; the loss is the mean of l over the matched patches of both directions (with
+    gathered negatives under torch.distributed: of every process, so that DDP's averaged gradients equal one
+    process's on the whole batch). An
+    image whose views do not overlap adds no term; a batch with no match at all gives 0 (with a graph), never
+    NaN. The logits go through log-sum-exp in at least float32, in checkpointed chunks of `chunk_size` anchors.
+
+    Args:
+        local_embeddings_1: (B, N1, D) L2-normalised patch embeddings of view 1, row-major over its grid.
+        local_embeddings_2: (B, N2, D) L2-normalised patch embeddings of view 2.
+        crop_boxes_1: (B, 4) crop box (left, top, width, height) of view 1 in source pixels.
+        flips_1: (B,) whether view 1 was flipped horizontally after the crop.
+        crop_boxes_2: (B, 4) crop box of view 2.
+        flips_2: (B,) flips of view 2.
+        temperature: softmax temperature t > 0.
+        grid_size_1: (rows, cols) of view 1's patch grid; None: square.
+        grid_size_2: (rows, cols) of view 2's patch grid; None: square.
+        negative_local_embeddings_1: optional (B_all, N1, D) view-1 patch embeddings of every process
+            (`gather_with_grad`); the candidates of the view-2 anchors.
+        negative_local_embeddings_2: optional (B_all, N2, D) view-2 patch embeddings of every process.
+        batch_offset: index of this process's first image in the gathered tensors (ignored without them).
+        chunk_size: anchors per chunk of the similarity matrix, >= 1.
+
+    Returns:
+        Scalar loss, float32 for half-precision inputs (float64 stays float64).
+    """
+    _check_temperature(temperature)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    if local_embeddings_1.ndim != 3 or local_embeddings_2.ndim != 3:
+        raise ValueError(
+            f"local embeddings must be (B, N, D), got {tuple(local_embeddings_1.shape)} and "
+            f"{tuple(local_embeddings_2.shape)}."
+        )
+    batch_size, num_1, dim = local_embeddings_1.shape
+    if local_embeddings_2.shape[0] != batch_size or local_embeddings_2.shape[2] != dim:
+        raise ValueError(
+            f"local_embeddings_2 {tuple(local_embeddings_2.shape)} must be (B, N2, D) with B = {batch_size}, "
+            f"D = {dim}."
+        )
+    for name, tensor, shape in (
+        ("crop_boxes_1", crop_boxes_1, (batch_size, 4)),
+        ("crop_boxes_2", crop_boxes_2, (batch_size, 4)),
+        ("flips_1", flips_1, (batch_size,)),
+        ("flips_2", flips_2, (batch_size,)),
+    ):
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}.")
+    if (negative_local_embeddings_1 is None) != (negative_local_embeddings_2 is None):
+        raise ValueError("pass both negative_local_embeddings_1 and negative_local_embeddings_2, or neither.")
+    if negative_local_embeddings_1 is None:
+        negatives_1, negatives_2, batch_offset = local_embeddings_1, local_embeddings_2, 0
+    else:
+        negatives_1, negatives_2 = negative_local_embeddings_1, negative_local_embeddings_2
+        for name, negatives, reference in (
+            ("negative_local_embeddings_1", negatives_1, local_embeddings_1),
+            ("negative_local_embeddings_2", negatives_2, local_embeddings_2),
+        ):
+            if negatives.ndim != 3 or negatives.shape[1:] != reference.shape[1:]:
+                raise ValueError(
+                    f"{name} must be (B_all, N, D) = (B_all, {reference.shape[1]}, {dim}), got "
+                    f"{tuple(negatives.shape)}."
+                )
+            _check_negatives(negatives, batch_size, batch_offset, dim, name)
+    grid_1 = _patch_grid(num_1, grid_size_1)
+    grid_2 = _patch_grid(local_embeddings_2.shape[1], grid_size_2)
+    match_12 = match_patches(crop_boxes_1, flips_1, grid_1, crop_boxes_2, flips_2, grid_2)
+    match_21 = match_patches(crop_boxes_2, flips_2, grid_2, crop_boxes_1, flips_1, grid_1)
+    sum_12, count_12 = _dense_direction(
+        local_embeddings_1, negatives_2, match_12, batch_offset, temperature, chunk_size
+    )
+    sum_21, count_21 = _dense_direction(
+        local_embeddings_2, negatives_1, match_21, batch_offset, temperature, chunk_size
+    )
+    count = count_12 + count_21
+    if negative_local_embeddings_1 is not None and _is_distributed():
+        # Divide by the mean matched count of the processes, not this one's: once DDP averages the ranks'
+        # gradients, the loss is the mean over every matched patch of the global batch, as on one process.
+        count = count.detach().clone()
+        dist.all_reduce(count)
+        count = count / dist.get_world_size()
+    return (sum_12 + sum_21) / torch.where(count > 0, count, torch.ones_like(count))
 
 
 def global_info_nce(

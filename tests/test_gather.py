@@ -40,20 +40,38 @@ def _make_views() -> tuple[torch.Tensor, torch.Tensor]:
     return tuple(torch.randn(*shape, generator=generator, dtype=torch.float64) for _ in range(2))
 
 
+# Crop boxes (left, top, width, height) and flips of the two views: images overlap fully, partly, mirrored,
+# or not at all, so the processes hold different numbers of matched patches.
+BOXES_1 = torch.tensor(
+    [[0.0, 0.0, 30.0, 10.0], [0.0, 0.0, 30.0, 10.0], [5.0, 0.0, 30.0, 10.0], [0.0, 0.0, 9.0, 9.0]]
+)
+BOXES_2 = torch.tensor(
+    [[0.0, 0.0, 30.0, 10.0], [10.0, 0.0, 30.0, 10.0], [5.0, 0.0, 30.0, 10.0], [20.0, 20.0, 9.0, 9.0]]
+)
+FLIPS_1 = torch.tensor([False, False, True, False])
+FLIPS_2 = torch.tensor([False, True, False, False])
+
+
 def _pretraining_loss(
     encoder: torch.nn.Module,
     view_1: torch.Tensor,
     view_2: torch.Tensor,
     gather: Callable[[torch.Tensor], torch.Tensor],
     batch_offset: int,
+    rows: slice = slice(None),
 ) -> torch.Tensor:
-    """Local-to-global plus global loss, every negative taken from `gather`ed embeddings."""
+    """Local-to-global, global and local-to-local losses, every negative taken from `gather`ed embeddings."""
     tokens_1, tokens_2 = F.normalize(encoder(view_1), dim=-1), F.normalize(encoder(view_2), dim=-1)
     g1, l1, g2, l2 = tokens_1[:, 0], tokens_1[:, 1:], tokens_2[:, 0], tokens_2[:, 1:]
     local_global = losses.symmetric_local_global_loss(
         g1, l1, g2, l2, TEMPERATURE, gather(l1), gather(l2), batch_offset=batch_offset
     )
-    return local_global + losses.global_info_nce(g1, g2, TEMPERATURE, gather(g1), gather(g2), batch_offset)
+    local_local = losses.local_local_info_nce(
+        l1, l2, BOXES_1[rows], FLIPS_1[rows], BOXES_2[rows], FLIPS_2[rows], TEMPERATURE, (1, NUM_PATCHES),
+        (1, NUM_PATCHES), gather(l1), gather(l2), batch_offset,
+    )  # fmt: skip
+    global_term = losses.global_info_nce(g1, g2, TEMPERATURE, gather(g1), gather(g2), batch_offset)
+    return local_global + global_term + local_local
 
 
 def _naive_gather(tensor: torch.Tensor) -> torch.Tensor:
@@ -74,7 +92,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         results = {}
         for name, gather in (("with_grad", losses.gather_with_grad), ("naive", _naive_gather)):
             encoder.zero_grad()
-            loss = _pretraining_loss(encoder, view_1, view_2, gather, losses.rank_batch_offset(local_batch))
+            loss = _pretraining_loss(
+                encoder, view_1, view_2, gather, losses.rank_batch_offset(local_batch), rows
+            )
             loss.backward()
             # Average losses and gradients over the processes, as DDP does.
             averaged = [loss.detach()] + [p.grad.clone() for p in encoder.parameters()]
