@@ -71,7 +71,13 @@ class DenseCLViTConfig(PretrainedConfig):
         loss_temperature (`float`, *optional*, defaults to 0.1):
             Temperature of the InfoNCE losses.
         pretraining_loss (`str`, *optional*, defaults to `"local-global"`):
-            `"local-global"` (the paper's loss), `"global"` (SimCLR's InfoNCE, a baseline) or `"both"` (their sum).
+            The pre-training loss: one term or a weighted sum of terms joined by `+`, each `term` or `weight*term`,
+            e.g. `"local-global"` (the paper's loss), `"global"` (SimCLR's InfoNCE, a baseline), `"local-local"`
+            (dense InfoNCE between corresponding patches of the two views) or `"0.25*local-global+local-local"`.
+            `"both"` is the older name of `"local-global+global"`.
+        cls_stop_gradient (`bool`, *optional*, defaults to `False`):
+            Detach the [CLS] embeddings in the local-global term, so it trains the patches towards them but not
+            the [CLS] token towards the patches.
         gather_negatives (`bool`, *optional*, defaults to `False`):
             Take negatives from every process (all-gather with gradients) instead of the local batch only.
         decode_head (`str`, *optional*, defaults to `"linear"`):
@@ -127,6 +133,7 @@ class DenseCLViTConfig(PretrainedConfig):
         projection_dim: int = 256,
         loss_temperature: float = 0.1,
         pretraining_loss: str = "local-global",
+        cls_stop_gradient: bool = False,
         gather_negatives: bool = False,
         decode_head: str = "linear",
         out_indices: list[int] | None = None,
@@ -163,6 +170,7 @@ class DenseCLViTConfig(PretrainedConfig):
         self.projection_dim = projection_dim
         self.loss_temperature = loss_temperature
         self.pretraining_loss = pretraining_loss
+        self.cls_stop_gradient = cls_stop_gradient
         self.gather_negatives = gather_negatives
         self.decode_head = decode_head
         self.out_indices = (
@@ -204,10 +212,7 @@ class DenseCLViTConfig(PretrainedConfig):
             raise ValueError(
                 f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})."
             )
-        if self.pretraining_loss not in ("local-global", "global", "both"):
-            raise ValueError(
-                f"pretraining_loss must be 'local-global', 'global' or 'both', got {self.pretraining_loss!r}."
-            )
+        parse_pretraining_loss(self.pretraining_loss)
         if self.decode_head not in ("linear", "upernet"):
             raise ValueError(f"decode_head must be 'linear' or 'upernet', got {self.decode_head!r}.")
         if self.depth_head not in ("linear", "upernet"):
@@ -234,4 +239,27 @@ class DenseCLViTConfig(PretrainedConfig):
         return cls(**{**PRESETS[key], **kwargs})
 
 
-__all__ = ["DenseCLViTConfig", "preset_name"]
+PRETRAINING_LOSS_TERMS = ("local-global", "global", "local-local")
+
+
+def parse_pretraining_loss(spec: str) -> list[tuple[float, str]]:
+    """`pretraining_loss` -> [(weight, term), ...]: "0.25*local-global+local-local" -> [(0.25, "local-global"),
+    (1.0, "local-local")]; "both" -> the paper's term plus the global one. Refuses unknown or repeated terms."""
+    spec = "local-global+global" if spec == "both" else spec
+    terms: list[tuple[float, str]] = []
+    for part in str(spec).replace(" ", "").split("+"):
+        weight, _, term = part.rpartition("*")
+        try:
+            value = float(weight) if weight else 1.0
+        except ValueError:
+            value = float("nan")
+        if term not in PRETRAINING_LOSS_TERMS or not value > 0 or term in [t for _, t in terms]:
+            raise ValueError(
+                f"pretraining_loss {spec!r}: each '+'-joined term must be one of {', '.join(PRETRAINING_LOSS_TERMS)}, "
+                "at most once, optionally with a positive weight as in '0.25*local-global+local-local'."
+            )
+        terms.append((value, term))
+    return terms
+
+
+__all__ = ["DenseCLViTConfig", "PRETRAINING_LOSS_TERMS", "parse_pretraining_loss", "preset_name"]

@@ -24,12 +24,13 @@ from transformers.modeling_outputs import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .configuration_densecl_vit import DenseCLViTConfig
+from .configuration_densecl_vit import DenseCLViTConfig, parse_pretraining_loss
 from .losses_densecl_vit import (
     berhu_loss,
     gather_with_grad,
     global_info_nce,
     gradient_loss,
+    local_local_info_nce,
     rank_batch_offset,
     symmetric_local_global_loss,
 )
@@ -400,8 +401,25 @@ class DenseCLViTPreTrainingOutput(ModelOutput):
     local_embeddings_2: torch.FloatTensor | None = None
 
 
+@dataclass
+class DenseCLViTViewGeometry:
+    """Where the two views of each image come from: crop boxes (B, 4) as (left, top, width, height) in source
+    pixels, horizontal flips (B,), and the (rows, cols) patch grid of each view."""
+
+    crop_boxes: torch.Tensor
+    flips: torch.Tensor
+    crop_boxes_2: torch.Tensor
+    flips_2: torch.Tensor
+    grid_size: tuple[int, int]
+    grid_size_2: tuple[int, int]
+
+    def boxes_and_flips(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.crop_boxes, self.flips, self.crop_boxes_2, self.flips_2
+
+
 class DenseCLViTForPreTraining(DenseCLViTPreTrainedModel):
-    """Encoder + projection head trained by the local-to-global loss (or the global InfoNCE baseline, or both)."""
+    """Encoder + projection head trained by `config.pretraining_loss`: the paper's local-to-global loss by default,
+    or a weighted sum with the global InfoNCE baseline and the dense local-to-local term."""
 
     def __init__(self, config: DenseCLViTConfig):
         super().__init__(config)
@@ -421,11 +439,13 @@ class DenseCLViTForPreTraining(DenseCLViTPreTrainedModel):
         local_embeddings: torch.Tensor,
         global_embeddings_2: torch.Tensor,
         local_embeddings_2: torch.Tensor,
+        geometry: DenseCLViTViewGeometry | None = None,
     ) -> torch.Tensor:
         """The loss named by `config.pretraining_loss` on normalised (B, P) global and (B, N, P) local embeddings.
 
-        With `config.gather_negatives` under torch.distributed, the negatives come from the projected embeddings
-        of every process (gathered with gradients); the positives stay this process's own.
+        The local-local term needs `geometry` (the crop boxes, flips and patch grids of both views). With
+        `config.gather_negatives` under torch.distributed, the negatives come from the projected embeddings of
+        every process (gathered with gradients); the positives stay this process's own.
         """
         gather = self.config.gather_negatives and dist.is_available() and dist.is_initialized()
         offset = rank_batch_offset(global_embeddings.shape[0]) if gather else 0
@@ -435,22 +455,21 @@ class DenseCLViTForPreTraining(DenseCLViTPreTrainedModel):
 
         temperature = self.config.loss_temperature
         losses = []
-        if self.config.pretraining_loss in ("local-global", "both"):
-            losses.append(
-                symmetric_local_global_loss(
-                    global_embeddings,
+        for weight, term in parse_pretraining_loss(self.config.pretraining_loss):
+            if term == "local-global":
+                detach = self.config.cls_stop_gradient
+                loss = symmetric_local_global_loss(
+                    global_embeddings.detach() if detach else global_embeddings,
                     local_embeddings,
-                    global_embeddings_2,
+                    global_embeddings_2.detach() if detach else global_embeddings_2,
                     local_embeddings_2,
                     temperature,
                     negatives(local_embeddings),
                     negatives(local_embeddings_2),
                     batch_offset=offset,
                 )
-            )
-        if self.config.pretraining_loss in ("global", "both"):
-            losses.append(
-                global_info_nce(
+            elif term == "global":
+                loss = global_info_nce(
                     global_embeddings,
                     global_embeddings_2,
                     temperature,
@@ -458,13 +477,34 @@ class DenseCLViTForPreTraining(DenseCLViTPreTrainedModel):
                     negatives(global_embeddings_2),
                     batch_offset=offset,
                 )
-            )
+            else:
+                if geometry is None:
+                    raise ValueError(
+                        "the local-local loss needs each view's crop box and flip: pass crop_boxes, flips, "
+                        "crop_boxes_2 and flips_2 (the pre-training data path returns them)."
+                    )
+                loss = local_local_info_nce(
+                    local_embeddings,
+                    local_embeddings_2,
+                    *geometry.boxes_and_flips(),
+                    temperature,
+                    geometry.grid_size,
+                    geometry.grid_size_2,
+                    negatives(local_embeddings),
+                    negatives(local_embeddings_2),
+                    batch_offset=offset,
+                )
+            losses.append(loss if weight == 1.0 else weight * loss)
         return sum(losses[1:], losses[0])
 
     def forward(
         self,
         pixel_values: torch.Tensor,
         pixel_values_2: torch.Tensor | None = None,
+        crop_boxes: torch.Tensor | None = None,
+        flips: torch.Tensor | None = None,
+        crop_boxes_2: torch.Tensor | None = None,
+        flips_2: torch.Tensor | None = None,
         return_dict: bool | None = None,
     ) -> DenseCLViTPreTrainingOutput | tuple:
         r"""
@@ -473,6 +513,14 @@ class DenseCLViTForPreTraining(DenseCLViTPreTrainedModel):
         pixel_values_2 (`torch.FloatTensor` of shape `(batch_size, num_channels, height_2, width_2)`, *optional*):
             Second view; when given, the loss is computed. Views of the same size go through the encoder as one
             batch of 2B images.
+        crop_boxes (`torch.FloatTensor` of shape `(batch_size, 4)`, *optional*):
+            Crop box (left, top, width, height) of the first view in source pixels; needed by the local-local loss.
+        flips (`torch.BoolTensor` of shape `(batch_size,)`, *optional*):
+            Whether the first view was flipped horizontally after cropping; needed by the local-local loss.
+        crop_boxes_2 (`torch.FloatTensor` of shape `(batch_size, 4)`, *optional*):
+            Crop box of the second view.
+        flips_2 (`torch.BoolTensor` of shape `(batch_size,)`, *optional*):
+            Flips of the second view.
         """
         if return_dict is None:
             return_dict = self.config.return_dict
@@ -492,7 +540,23 @@ class DenseCLViTForPreTraining(DenseCLViTPreTrainedModel):
             else:
                 global_1, local_1 = self.embed(pixel_values)
                 global_2, local_2 = self.embed(pixel_values_2)
-            loss = self.contrastive_loss(global_1, local_1, global_2, local_2)
+            geometry = None
+            if (
+                crop_boxes is not None
+                and flips is not None
+                and crop_boxes_2 is not None
+                and flips_2 is not None
+            ):
+                patch = self.config.patch_size
+                geometry = DenseCLViTViewGeometry(
+                    crop_boxes,
+                    flips,
+                    crop_boxes_2,
+                    flips_2,
+                    (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch),
+                    (pixel_values_2.shape[-2] // patch, pixel_values_2.shape[-1] // patch),
+                )
+            loss = self.contrastive_loss(global_1, local_1, global_2, local_2, geometry)
         output = DenseCLViTPreTrainingOutput(
             loss=loss,
             global_embeddings=global_1,

@@ -22,7 +22,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", default="outputs/demo", help="folder for every output of the demo")
     parser.add_argument("--quick", action="store_true", help="toy sizes: a tiny model, 2 steps per stage")
-    parser.add_argument("--loss", choices=("local-global", "global", "both"), help="pre-training loss")
+    parser.add_argument(
+        "--loss", help="pre-training loss, e.g. local-global (the default) or local-global+local-local"
+    )
     for name in ("pretrain_steps", "finetune_steps", "num_train", "num_val", "image_size", "seed"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, help=f"override the {name} setting")
     return parser.parse_args(argv)

@@ -259,11 +259,22 @@ def test_sixty_steps_lower_the_loss_and_write_loadable_outputs(files, tmp_path):
         again.validate()
 
 
-def test_gpu_augment_path_runs_on_cpu(files, tmp_path):
+@pytest.mark.parametrize("gpu_augment", ["--gpu-augment", "--no-gpu-augment"])
+def test_dense_loss_trains_through_both_augmentation_paths(files, tmp_path, gpu_augment):
     out = tmp_path / "run"
-    assert run(tiny_args(files, out, "--max-steps", "2", "--gpu-augment")) == 0
+    loss = "0.25*local-global+local-local"
+    assert run(tiny_args(files, out, "--max-steps", "2", gpu_augment, "--loss", loss)) == 0
     assert all(np.isfinite(r["loss"]) for r in metrics(out))
-    assert load_config(PretrainConfig, out / "config.yaml").gpu_augment is True
+    saved = load_config(PretrainConfig, out / "config.yaml")
+    assert saved.gpu_augment is (gpu_augment == "--gpu-augment") and saved.loss == loss
+    assert json.loads((out / "final" / "config.json").read_text())["pretraining_loss"] == loss
+
+
+def test_bad_loss_composition_is_one_clear_error(files, tmp_path):
+    with pytest.raises(ValueError, match="--loss: pretraining_loss 'local-gobal'"):
+        PretrainConfig(
+            dataset=str(files["data16"]), max_steps=2, model="vit-tiny", loss="local-gobal"
+        ).validate()
 
 
 # --- exact resumption -------------------------------------------------------------------------------------

@@ -6,7 +6,12 @@ import torch.nn.functional as F
 
 from densecl_vit import DenseCLViTForPreTraining, DenseCLViTPreTrainingOutput
 from densecl_vit.modeling import modeling_densecl_vit
-from densecl_vit.modeling.losses_densecl_vit import global_info_nce, symmetric_local_global_loss
+from densecl_vit.modeling.configuration_densecl_vit import parse_pretraining_loss
+from densecl_vit.modeling.losses_densecl_vit import (
+    global_info_nce,
+    local_local_info_nce,
+    symmetric_local_global_loss,
+)
 
 BATCH, PROJECTION_DIM, NUM_PATCHES = 3, 16, 16  # 32x32 images, patch 8 -> 4x4 patches
 
@@ -82,6 +87,51 @@ def test_loss_is_the_losses_file_function_on_the_returned_embeddings(tiny, pretr
     expected = {"local-global": local_global, "global": global_loss, "both": local_global + global_loss}
     torch.testing.assert_close(out.loss, expected[pretraining_loss])
     assert out.loss.item() > 0
+
+
+GEOMETRY = {
+    "crop_boxes": torch.tensor([[0.0, 0.0, 32.0, 32.0], [4.0, 2.0, 20.0, 24.0], [0.0, 0.0, 8.0, 8.0]]),
+    "flips": torch.tensor([False, True, False]),
+    "crop_boxes_2": torch.tensor([[8.0, 8.0, 24.0, 24.0], [0.0, 0.0, 32.0, 32.0], [20.0, 20.0, 8.0, 8.0]]),
+    "flips_2": torch.tensor([True, False, False]),
+}
+
+
+@pytest.mark.parametrize(
+    "spec, cls_stop_gradient",
+    [("local-local", False), ("0.25*local-global+local-local", False), ("local-global+local-local", True)],
+)
+def test_weighted_compositions_sum_the_terms(tiny, spec, cls_stop_gradient):
+    model = _model(tiny, pretraining_loss=spec, cls_stop_gradient=cls_stop_gradient, loss_temperature=0.2)
+    out = model(*_views(), **GEOMETRY)
+    g1, l1, g2, l2 = (
+        out.global_embeddings,
+        out.local_embeddings,
+        out.global_embeddings_2,
+        out.local_embeddings_2,
+    )
+    terms = {
+        "local-global": symmetric_local_global_loss(g1, l1, g2, l2, temperature=0.2),
+        "local-local": local_local_info_nce(l1, l2, *GEOMETRY.values(), temperature=0.2),
+    }
+    expected = sum(weight * terms[term] for weight, term in parse_pretraining_loss(spec))
+    torch.testing.assert_close(out.loss, expected)
+    # The [CLS] embeddings learn only from the local-global term, and not at all under the stop-gradient.
+    (cls_grad,) = torch.autograd.grad(out.loss, g1, retain_graph=True, allow_unused=True)
+    trains_cls = "local-global" in spec and not cls_stop_gradient
+    assert (cls_grad is not None and cls_grad.abs().sum() > 0) == trains_cls
+
+
+def test_local_local_without_geometry_says_what_to_pass(tiny):
+    model = _model(tiny, pretraining_loss="local-global+local-local")
+    with pytest.raises(ValueError, match="crop_boxes, flips"):
+        model(*_views())
+
+
+@pytest.mark.parametrize("spec", ["local", "local-global+local-global", "-1*global", "x*global", ""])
+def test_config_refuses_bad_loss_compositions(tiny, spec):
+    with pytest.raises(ValueError, match="pretraining_loss"):
+        tiny(pretraining_loss=spec)
 
 
 def _count_encoder_calls(model) -> list[int]:

@@ -427,3 +427,62 @@ def test_config_validation():
 def test_naive_pipeline_gives_two_normalised_views():
     views = naive_torchvision_two_view(CFG)(photo())
     assert [(tuple(v.shape), v.dtype) for v in views] == [((3, S, S), torch.float32)] * 2
+
+
+# --- view geometry ----------------------------------------------------------------------------------------
+
+
+def _coordinate_image(width: int = 240, height: int = 200) -> np.ndarray:
+    """(H, W, 3) uint8 whose red channel is each pixel's column and green its row: pixels name their place."""
+    ys, xs = np.mgrid[0:height, 0:width]
+    return np.stack([xs, ys, np.zeros_like(xs)], axis=-1).astype(np.uint8)
+
+
+def _patch_centre_values(view: torch.Tensor, patch: int) -> torch.Tensor:
+    """(C, S, S) -> (rows, cols, C): the view at each patch centre, the mean of the 2x2 pixels around it."""
+    pooled = torch.nn.functional.avg_pool2d(view[None].double(), 2, stride=1)[0]  # centre of pixels j, j+1
+    centres = torch.arange(patch // 2 - 1, view.shape[-1] - 1, patch)
+    return pooled[:, centres][:, :, centres].permute(1, 2, 0)
+
+
+@pytest.mark.parametrize("gpu_color", [False, True])
+def test_crop_boxes_and_flips_map_patch_centres_onto_their_source_pixels(gpu_color):
+    """The returned geometry, read as the dense loss reads it, lands each patch centre on the source pixel the
+    view shows there; flips and both augmentation paths included."""
+    size, patch = 32, 8
+    cfg = SimCLRAugmentConfig(
+        image_size=size,
+        jitter_p=0.0,
+        grayscale_p=0.0,
+        blur_p=0.0,
+        mean=(0, 0, 0),
+        std=(1, 1, 1),
+        gpu_color=gpu_color,
+    )
+    transform, image, seen_flips = TwoViewTransform(cfg), _coordinate_image(), set()
+    for seed in range(12):
+        views = transform.sample(image, seed)
+        for view, box, flip in (
+            (views.view_1, views.crop_box_1, views.flip_1),
+            (views.view_2, views.crop_box_2, views.flip_2),
+        ):
+            seen_flips.add(bool(flip))
+            values = _patch_centre_values(view if gpu_color else view * 255, patch)  # (4, 4, 3), 0..255
+            cells = (torch.arange(size // patch, dtype=torch.float64) + 0.5) / (size // patch)
+            u = 1 - cells if flip else cells
+            left, top, width, height = box.double()
+            # A pixel k holds k and stands for its centre k + 0.5, so a point x of the source reads x - 0.5.
+            want_x = (left + u * width - 0.5)[None, :].expand(len(cells), -1)
+            want_y = (top + cells * height - 0.5)[:, None].expand(-1, len(cells))
+            torch.testing.assert_close(values[..., 0], want_x, atol=1.0, rtol=0)
+            torch.testing.assert_close(values[..., 1], want_y, atol=1.0, rtol=0)
+    assert seen_flips == {False, True}
+
+
+def test_geometry_does_not_change_the_views():
+    cfg = SimCLRAugmentConfig(image_size=32)
+    image = _coordinate_image()
+    views = TwoViewTransform(cfg).sample(image, [3, 4])
+    view_1, view_2 = TwoViewTransform(cfg)(image, [3, 4])
+    assert torch.equal(views.view_1, view_1) and torch.equal(views.view_2, view_2)
+    assert views.crop_box_1.dtype == torch.float32 and views.flip_1.dtype == torch.bool

@@ -14,14 +14,14 @@ import dataclasses
 import functools
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 
 from ..modeling import DenseCLViTConfig, DenseCLViTForPreTraining, DenseCLViTImageProcessor
-from ..modeling.configuration_densecl_vit import PRESETS, preset_name
+from ..modeling.configuration_densecl_vit import PRESETS, parse_pretraining_loss, preset_name
 from .config import option, save_config
 from .engine import (
     CRITICAL_KEYS,
@@ -56,6 +56,7 @@ PRETRAIN_CRITICAL_KEYS = (
     "image_size",
     "patch_size",
     "loss",
+    "cls_stop_gradient",
     "gather_negatives",
     "temperature",
     "projection_dim",
@@ -82,8 +83,13 @@ class PretrainConfig(TrainingArgs):
         128, "images per process and step (>= 2: the negatives are the other images)"
     )
     lr: float = option(1e-4, "base learning rate for 256 images; the run uses lr * total batch / 256")
-    loss: Literal["local-global", "global", "both"] = option(
-        "local-global", "the paper's local-to-global loss, SimCLR's global InfoNCE, or their sum"
+    loss: str = option(
+        "local-global",
+        "the pre-training loss: local-global (the paper's), global (SimCLR), local-local (dense, between "
+        "corresponding patches) or a weighted sum such as 0.25*local-global+local-local",
+    )
+    cls_stop_gradient: bool = option(
+        False, "detach the [CLS] embeddings in the local-global term (it then trains the patches only)"
     )
     gather_negatives: bool = option(False, "take negatives from every process (all-gather with gradients)")
     temperature: float = option(0.1, "temperature of the contrastive loss")
@@ -125,6 +131,10 @@ class PretrainConfig(TrainingArgs):
             )
         if self.temperature <= 0:
             raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+        try:
+            parse_pretraining_loss(self.loss)
+        except ValueError as error:
+            raise ValueError(f"--loss: {error}") from None
         if not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
             raise ValueError(f"--crop-scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
         augment_config(self)  # the augmentation's own checks (e.g. views larger than the blur kernel)
@@ -153,6 +163,7 @@ def build_model(cfg: PretrainConfig) -> DenseCLViTForPreTraining:
     overrides = {
         "loss_temperature": cfg.temperature,
         "pretraining_loss": cfg.loss,
+        "cls_stop_gradient": cfg.cls_stop_gradient,
         "gather_negatives": cfg.gather_negatives,
     }
     for name in ("projection_dim", "projection_hidden_size"):
@@ -185,13 +196,21 @@ def augment_config(cfg: PretrainConfig) -> SimCLRAugmentConfig:
 def two_view_sample(
     example: dict[str, Any], rng: np.random.Generator, column: str, transform: TwoViewTransform
 ) -> dict[str, torch.Tensor] | str:
-    """A stream example -> its two views (3, S, S) as `pixel_values` / `pixel_values_2`, or a skip reason."""
+    """A stream example -> its two views (3, S, S) as `pixel_values` / `pixel_values_2` with their crop boxes
+    (4,) and flips () as `crop_boxes` / `crop_boxes_2` and `flips` / `flips_2`, or a skip reason."""
     image = decode_rgb_pixels(example[column])
     reason = validate_image(image)
     if reason is not None:
         return reason
-    view_1, view_2 = transform(image, rng)
-    return {"pixel_values": view_1, "pixel_values_2": view_2}
+    views = transform.sample(image, rng)
+    return {
+        "pixel_values": views.view_1,
+        "pixel_values_2": views.view_2,
+        "crop_boxes": views.crop_box_1,
+        "crop_boxes_2": views.crop_box_2,
+        "flips": views.flip_1,
+        "flips_2": views.flip_2,
+    }
 
 
 def build_data(
@@ -235,10 +254,10 @@ class DeviceColorAugment:
         key = np.random.SeedSequence([self.seed, step, self.accelerator.process_index]).generate_state(1)[0]
         generator = torch.Generator().manual_seed(int(key))
         device = self.accelerator.device
-        return {
-            name: self.color(batch[name].to(device, non_blocking=True), view=view, generator=generator)
-            for view, name in enumerate(("pixel_values", "pixel_values_2"))
-        }
+        out = {name: value.to(device, non_blocking=True) for name, value in batch.items()}
+        for view, name in enumerate(("pixel_values", "pixel_values_2")):
+            out[name] = self.color(out[name], view=view, generator=generator)
+        return out
 
 
 def main(cfg: PretrainConfig) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -240,6 +241,19 @@ def image_to_uint8_tensor(image: ImageLike) -> torch.Tensor:
     return torch.from_numpy(image if image.flags.writeable else image.copy()).permute(2, 0, 1)
 
 
+class TwoViews(NamedTuple):
+    """Two augmented views of one image and their geometry: each view is the crop box (left, top, width,
+    height) of the source image, in source pixels, resized to (S, S) and then flipped horizontally if its flag
+    is set. The boxes and flips are float32 (4,) and bool () tensors, so batches collate them like the views."""
+
+    view_1: torch.Tensor
+    view_2: torch.Tensor
+    crop_box_1: torch.Tensor
+    crop_box_2: torch.Tensor
+    flip_1: torch.Tensor
+    flip_2: torch.Tensor
+
+
 class TwoViewTransform:
     """Image -> two augmented views (3, S, S): normalised float32, or uint8 when ``cfg.gpu_color``.
 
@@ -251,11 +265,15 @@ class TwoViewTransform:
     def __init__(self, cfg: SimCLRAugmentConfig | None = None) -> None:
         self.cfg = cfg or SimCLRAugmentConfig()
 
-    def _crop_view(self, image: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, bool]:
-        """(3, H, W) uint8 -> random resized crop (1, 3, S, S) uint8, and whether to flip it horizontally."""
+    def _crop_view(
+        self, image: torch.Tensor, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, bool, tuple[int, int, int, int]]:
+        """(3, H, W) uint8 -> random resized crop (1, 3, S, S) uint8, whether to flip it horizontally, and the
+        crop box (left, top, width, height) in source pixels."""
         c = self.cfg
         height, width = image.shape[-2:]
-        left, top, w, h = sample_crop_box(width, height, c.crop_scale, c.crop_ratio, rng)
+        box = sample_crop_box(width, height, c.crop_scale, c.crop_ratio, rng)
+        left, top, w, h = box
         crop = image[None, :, top : top + h, left : left + w]
         if not c.gpu_color:
             # A channels-last contiguous crop takes torch's vectorised uint8 resize (same values, ~40% less
@@ -265,21 +283,31 @@ class TwoViewTransform:
         view = torch.nn.functional.interpolate(
             crop, size=size, mode="bilinear", antialias=True, align_corners=False
         )
-        return view, bool(rng.random() < c.flip_p)
+        return view, bool(rng.random() < c.flip_p), box
 
     def __call__(self, image: ImageLike, rng: RngLike) -> tuple[torch.Tensor, torch.Tensor]:
+        views = self.sample(image, rng)
+        return views.view_1, views.view_2
+
+    def sample(self, image: ImageLike, rng: RngLike) -> TwoViews:
+        """The two views and their geometry (crop boxes in source pixels, flips): what the dense loss matches."""
         rng = make_rng(rng)
         image = _pixels(image)
-        views = (self._crop_view(image, rng), self._crop_view(image, rng))
+        crops = (self._crop_view(image, rng), self._crop_view(image, rng))
+        boxes = tuple(torch.tensor(box, dtype=torch.float32) for _, _, box in crops)
+        flips = tuple(torch.tensor(flip) for _, flip, _ in crops)
         if self.cfg.gpu_color:
-            return tuple((view.flip(-1) if flip else view)[0].contiguous() for view, flip in views)
+            views = tuple((view.flip(-1) if flip else view)[0].contiguous() for view, flip, _ in crops)
+            return TwoViews(*views, *boxes, *flips)
         host = host_color_params(rng.random((2, COLOR_UNIFORMS), dtype=np.float32), self.cfg, (0, 1))
         out = []
-        for i, (view, flip) in enumerate(views):  # one at a time: a batch of one needs no per-sample indexing
+        for i, (view, flip, _) in enumerate(
+            crops
+        ):  # one at a time: a batch of one needs no per-sample indexing
             x = to_float_hwc(view[0].permute(1, 2, 0).numpy(), flip)  # (1, 3, S, S) float32
             x = apply_sample_color(x, {k: v[i] for k, v in host.items()})
             out.append(normalize(x, self.cfg.mean, self.cfg.std)[0])
-        return out[0], out[1]
+        return TwoViews(out[0], out[1], *boxes, *flips)
 
 
 def _pixels(image: ImageLike) -> torch.Tensor:
@@ -351,6 +379,7 @@ __all__ = [
     "RngLike",
     "SimCLRAugmentConfig",
     "TwoViewTransform",
+    "TwoViews",
     "color_params_from_uniform",
     "host_color_params",
     "image_to_uint8_tensor",
