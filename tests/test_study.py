@@ -1,26 +1,28 @@
-"""The study: the patch-feature diagnostic against loop references, the mean ± std aggregation, the report, and
-a whole study at tiny size (2 steps per run, 1 seed) including a restart that skips the finished runs."""
+"""The study: probes and the patch-feature diagnostic against loop references, the report's validity line,
+paired differences and verdicts on hand-made records, and a whole study at tiny size with a restart that skips
+the finished runs."""
 
-import dataclasses
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import load_script
 
-from densecl_vit.training.study import (
-    ARMS,
-    PROTOCOLS,
-    SIZES,
-    aggregate,
+from densecl_vit.training.probes import (
+    ProbeSettings,
+    coarse_labels,
+    depth_metrics,
+    depth_probe,
+    knn_probe,
+    mean_iou,
     mean_patch_cosine,
+    patch_labels,
     patch_similarity,
-    run_study,
+    segmentation_probe,
 )
-from densecl_vit.training.study_report import mean_std, paired_differences, study_markdown
+from densecl_vit.training.study import labelled_subset, run_study
+from densecl_vit.training.study_report import beats, best_arm, mean_std, study_markdown, validity
 
 
 def loop_patch_cosine(features: np.ndarray) -> np.ndarray:
@@ -68,129 +70,169 @@ def test_centred_similarity_removes_the_shared_offset():
 
 
 def test_mean_std_uses_the_sample_std_and_keeps_one_seed_honest():
-    stats = mean_std([0.2, 0.4, 0.9])
-    assert stats["mean"] == pytest.approx(np.mean([0.2, 0.4, 0.9]))
-    assert stats["std"] == pytest.approx(np.std([0.2, 0.4, 0.9], ddof=1))
-    assert stats["n"] == 3 and stats["values"] == [0.2, 0.4, 0.9]
-    assert mean_std([0.5])["std"] is None
+    stats = mean_std([0.1, 0.3])
+    assert stats["mean"] == pytest.approx(0.2) and stats["std"] == pytest.approx(np.std([0.1, 0.3], ddof=1))
+    one = mean_std([0.5])
+    assert one["std"] is None and one["n"] == 1
     assert math.isnan(mean_std([1.0, float("nan")])["mean"])
 
 
-def fake_records():
-    encoders, runs = [], []
-    for a, arm in enumerate(ARMS):
-        for seed in (0, 1):
-            encoders.append({"arm": arm, "seed": seed, "patch_cos": 0.1 * a + 0.01 * seed})
-            for protocol in PROTOCOLS:
-                runs.append({"arm": arm, "seed": seed, "protocol": protocol, "task": "segmentation",
-                             "mean_iou": 0.1 * a + 0.02 * seed, "overall_accuracy": 0.5})  # fmt: skip
-                runs.append({"arm": arm, "seed": seed, "protocol": protocol, "task": "depth",
-                             "abs_rel": 0.3 - 0.05 * a, "rmse": 1.0 + seed, "delta1": 0.6})  # fmt: skip
-    return encoders, runs
+# --- probes ---------------------------------------------------------------------------------------------
 
 
-def test_aggregate_groups_by_arm_and_protocol():
-    summary = aggregate(*fake_records())
-    assert set(summary) == set(ARMS)
-    assert set(summary["global"]) == {"encoder", *PROTOCOLS}
-    seg = summary["global"]["frozen"]["mean_iou"]
-    assert seg["values"] == pytest.approx([0.1, 0.12]) and seg["std"] == pytest.approx(
-        np.std([0.1, 0.12], ddof=1)
+def loop_mean_iou(pred: np.ndarray, gt: np.ndarray, classes: int) -> float:
+    ious = []
+    for k in range(classes):
+        valid = gt != 255
+        inter = np.sum((pred == k) & (gt == k) & valid)
+        union = np.sum(((pred == k) | (gt == k)) & valid)
+        if union:
+            ious.append(inter / union)
+    return float(np.mean(ious))
+
+
+def test_mean_iou_matches_a_loop_reference():
+    rng = np.random.default_rng(0)
+    gt = rng.integers(0, 4, size=(3, 8, 8))
+    gt[0, :2] = 255
+    pred = np.where(rng.random(gt.shape) < 0.6, gt % 255, rng.integers(0, 4, size=gt.shape))
+    got = mean_iou(torch.from_numpy(pred), torch.from_numpy(gt), 5)
+    assert got == pytest.approx(loop_mean_iou(pred, gt, 5), abs=1e-12)
+
+
+def test_patch_labels_take_the_majority_of_labelled_pixels():
+    labels = torch.full((1, 4, 4), 255)
+    labels[0, :2, :2] = torch.tensor([[1, 1], [2, 255]])  # patch (0, 0): two 1s, one 2, one ignored
+    labels[0, :2, 2:] = 3
+    assert patch_labels(labels, 2, 4).tolist() == [[1, 3, 255, 255]]
+
+
+def test_coarse_labels_group_objects():
+    # reduced labels: floor 0, wall 1, five object kinds 2..6, ceiling 7
+    assert coarse_labels(torch.tensor([0, 1, 2, 6, 7, 255])).tolist() == [0, 1, 3, 3, 2, 255]
+
+
+def _separable(num: int, seed: int):
+    """Tokens (num, 16, 4) that carry each 4x4 patch's class (one-hot) and log depth; pixel maps (num, 16, 16)."""
+    g = torch.Generator().manual_seed(seed)
+    classes = torch.randint(0, 3, (num, 4, 4), generator=g)
+    log_depth = torch.rand(num, 4, 4, generator=g) * 2 - 0.5
+    tokens = torch.cat([torch.nn.functional.one_hot(classes, 3).float(), log_depth[..., None]], -1).flatten(
+        1, 2
     )
-    assert summary["random"]["full"]["abs_rel"]["mean"] == pytest.approx(0.15)
-    assert summary["both"]["encoder"]["patch_cos"]["mean"] == pytest.approx(0.205)
+    upsample = dict(scale_factor=4, mode="nearest")
+    labels = torch.nn.functional.interpolate(classes[:, None].float(), **upsample)[:, 0].long()
+    depth = torch.nn.functional.interpolate(log_depth[:, None], **upsample)[:, 0].exp()
+    return tokens, labels, depth
 
 
-def test_paired_differences_match_seed_by_seed():
-    _, runs = fake_records()
-    runs = [r for r in runs if not (r["arm"] == "global" and r["seed"] == 1)]  # a seed only one arm ran
-    diffs = paired_differences(runs, "local-global", "global", "frozen", "mean_iou")
-    assert diffs == pytest.approx([0.0 - 0.1])  # seed 0 only
-    diffs = paired_differences(runs, "random", "local-global", "full", "abs_rel")
-    assert diffs == pytest.approx([-0.15, -0.15])
+def test_probes_read_what_the_tokens_carry_and_nothing_from_noise():
+    settings = ProbeSettings(steps=200, lr=0.05, knn_k=5)
+    train, train_labels, train_depth = _separable(8, 0)
+    val, val_labels, val_depth = _separable(4, 1)
+    assert segmentation_probe(train, train_labels, val, val_labels, 3, settings, 0) > 0.7
+    assert knn_probe(train, train_labels, val, val_labels, 3, settings) == pytest.approx(1.0)
+    assert depth_probe(train, train_depth, val, val_depth, settings, 0)["delta1"] > 0.6
+    noise = torch.randn_like(train, generator=torch.Generator().manual_seed(2))
+    noise_val = torch.randn_like(val, generator=torch.Generator().manual_seed(3))
+    assert knn_probe(noise, train_labels, noise_val, val_labels, 3, settings) < 0.6
 
 
-def test_markdown_bolds_the_best_arm_in_the_metric_direction():
-    encoders, runs = fake_records()
-    study = {
-        "size": "custom",
-        "settings": dict(SIZES["tiny"].settings.__dict__),
-        "frozen_lr": 1e-3,
-        "seeds": [0, 1],
-        "arms": list(ARMS),
-        "protocols": list(PROTOCOLS),
-        "tasks": ["segmentation", "depth"],
-        "summary": aggregate(encoders, runs),
-        "runs": runs,
-        "wall_time_s": 60.0,
-    }
-    text = study_markdown(study)
-    frozen = text.split("## Frozen")[1].split("##")[0]
-    random_row = next(line for line in frozen.splitlines() if line.startswith("| random init"))
-    local_row = next(line for line in frozen.splitlines() if line.startswith("| local-to-global (paper)"))
-    assert "**31.0 ± 1.4**" in random_row  # highest mIoU (0.30, 0.32) -> 31.0 %
-    assert "**0.150 ± 0.000**" in random_row  # lowest AbsRel
-    assert "**" not in local_row.split(" | ")[1] and "**" not in local_row.split(" | ")[3]
-    assert local_row.count("**") == random_row.count("**") - 4  # ties (pixel acc, δ1) are bold in every row
-    differences = text.split("## Paired differences")[1].split("##")[0]
-    assert "| frozen | local-to-global − global | -10.0 ± 0.0 |" in differences
-    assert "patch cosine" in text and "**" not in text.split("## Encoders")[1]  # diagnostics are not ranked
+def test_depth_metrics_match_their_definitions():
+    gt = torch.tensor([[[1.0, 2.0], [4.0, 0.0]]])  # one invalid pixel
+    pred = torch.tensor([[[1.2, 3.0], [4.0, 9.0]]])
+    got = depth_metrics(pred, gt)
+    assert got["delta1"] == pytest.approx(2 / 3)
+    assert got["abs_rel"] == pytest.approx((0.2 + 0.5 + 0.0) / 3)
 
 
-def check_report(out: Path, arms: list[str]) -> dict:
-    """The three report files exist and study.json holds finite metrics of every (arm, protocol, task)."""
-    for name in ("study.md", "study.json", "study.png"):
-        assert (out / name).is_file() and (out / name).stat().st_size > 0
-    assert (out / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    study = json.loads((out / "study.json").read_text())
-    assert len(study["runs"]) == len(arms) * 2 * 2 and len(study["encoders"]) == len(arms)
-    assert list(study["summary"]) == arms
-    for arm in arms:
-        for protocol in PROTOCOLS:
-            stats = study["summary"][arm][protocol]
-            assert set(stats) == {"mean_iou", "overall_accuracy", "abs_rel", "rmse", "delta1"}
-            assert all(math.isfinite(s["mean"]) and s["n"] == 1 for s in stats.values())
-        assert 0 < study["summary"][arm]["encoder"]["patch_cos"]["mean"] <= 1
-    markdown = (out / "study.md").read_text()
-    assert markdown.count("| random init |") == 3  # frozen, full and encoder tables
-    return study
+def test_labelled_subsets_are_drawn_per_seed_and_shared_by_arms():
+    a, b = labelled_subset(0, 16, 256), labelled_subset(1, 16, 256)
+    assert torch.equal(a, labelled_subset(0, 16, 256)) and not torch.equal(a, b)
+    assert len(set(a.tolist())) == 16 and a.max() < 256
+    with pytest.raises(ValueError, match="exceeds the 8 labelled scenes"):
+        labelled_subset(0, 16, 8)
+
+
+# --- the report -----------------------------------------------------------------------------------------
+
+
+def _records(gaps: dict[str, float], noise: float = 0.01) -> list[dict]:
+    """Encoder records of 3 seeds; arm a scores random's values + gaps[a] (+ a little per-seed noise)."""
+    records = []
+    for seed in range(3):
+        base = 0.3 + noise * seed
+        for arm, gap in {"random": 0.0, **gaps}.items():
+            scores = {
+                m: base + gap + 0.001 * seed * (arm != "random")
+                for m in ("seg_miou", "coarse_miou", "knn_miou", "delta1")
+            }
+            probes = {c: {**scores, "abs_rel": 0.5} for c in ("16", "64")}
+            records.append({"arm": arm, "seed": seed, "factor": 1, "patch_cos": 0.4, "probes": probes})
+    return records
+
+
+def _study(records) -> dict:
+    arms = list(dict.fromkeys(r["arm"] for r in records))
+    return {
+        "size": "custom", "settings": {"model": "vit-tiny", "num_train": 64, "num_val": 8, "image_size": 64,
+        "pretrain_steps": 3, "pretrain_batch_size": 4, "pretrain_lr": 1e-3, "crop_scale": [0.25, 1.0]},
+        "num_pool": 100, "label_counts": [16, 64], "probe": {"steps": 3, "lr": 0.01, "knn_k": 5},
+        "longer_factor": 3, "seeds": [0, 1, 2], "arms": arms, "titles": {a: a for a in arms},
+        "encoders": records, "finetune": [],
+    }  # fmt: skip
+
+
+def test_validity_line_needs_the_supervised_margin():
+    valid = _study(_records({"supervised": 0.2, "local-global": 0.0, "local-local": 0.1}))
+    assert validity(valid)["valid"] is True
+    assert "Testbed **valid**" in study_markdown(valid)
+    invalid = _study(_records({"supervised": 0.04, "local-global": 0.0}))  # 0.04 < 5 x std 0.01
+    assert validity(invalid)["valid"] is False
+    assert "Testbed **invalid**" in study_markdown(invalid)
+    one_seed = _study([r for r in _records({"supervised": 0.2}) if r["seed"] == 0])
+    assert validity(one_seed)["valid"] is None
+
+
+def test_best_arm_and_beating_the_paper_use_paired_differences():
+    study = _study(_records({"supervised": 0.2, "local-global": 0.0, "local-local": 0.1, "global": -0.05}))
+    assert best_arm(study) == "local-local"
+    assert beats(study, "local-local", "local-global") and not beats(study, "global", "local-global")
+    markdown = study_markdown(study)
+    assert "| local-local − random | **+10.0" not in markdown  # differences are not bolded
+    assert "| local-local − random | +10.1 ± 0.1 |" in markdown
+    assert (
+        "beat the paper's loss beyond the seed spread on both tasks" in markdown
+        and "**local-local**" in markdown
+    )
+
+
+# --- a whole study --------------------------------------------------------------------------------------
 
 
 def test_tiny_study_writes_its_report_and_skips_finished_runs_on_restart(tmp_path):
-    """A pre-trained arm and the random arm (the two ways an encoder is made), both protocols and tasks."""
-    out, arms = tmp_path / "study", ["local-global", "random"]
-    argv = ["--size", "tiny", "--seeds", "1", "--output-dir", str(out), "--arms", *arms]
+    out, arms = tmp_path / "study", ["random", "local-local"]
+    argv = ["--size", "tiny", "--seeds", "1", "--jobs", "1", "--output-dir", str(out), "--arms", *arms]
     assert load_script("study").main(argv) == 0
-    study = check_report(out, arms)
-    assert "loss_end" in study["summary"]["local-global"]["encoder"]
-    assert "loss_end" not in study["summary"]["random"]["encoder"]
+    study = __import__("json").loads((out / "study.json").read_text())
+    factors = sorted((r["arm"], r["factor"]) for r in study["encoders"])
+    assert factors == [("local-local", 1), ("local-local", 2), ("random", 1), ("random", 2)]
+    for record in study["encoders"]:
+        assert set(record["probes"]) == {"2", "4"}
+        assert all(math.isfinite(v) for v in record["probes"]["2"].values())
+    assert {(r["arm"], r["task"]) for r in study["finetune"]} == {
+        (a, t) for a in arms for t in ("segmentation", "depth")
+    }
+    assert "loss: local-local" in (out / "runs/local-local/seed-0/train/config.yaml").read_text()
+    markdown = (out / "study.md").read_text()
+    assert "Testbed **not checked**" in markdown and "## Longer budget: 2x" in markdown
     assert not list(out.glob("**/checkpoints"))  # dropped once a run completed
-    frozen = (out / "finetune/random/seed-0/frozen-depth/config.yaml").read_text()
-    assert "freeze_encoder: true" in frozen and "drop_path_rate: 0.0" in frozen
-    assert "freeze_encoder: false" in (out / "finetune/random/seed-0/full-depth/config.yaml").read_text()
-    assert "loss: local-global" in (out / "pretrain/local-global/seed-0/config.yaml").read_text()
 
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("**/results.json")}
-    assert len(stamps) == 1 + 8
-    again = run_study("tiny", [0], out, arms=arms, echo=lambda text: None)
+    assert len(stamps) == 2 + 4  # two pre-trainings, four fine-tunings
+    again = run_study("tiny", [0], out, arms=arms, jobs=1, echo=lambda text: None)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing ran twice
-    assert again["summary"] == study["summary"]
-
-    changed = dataclasses.replace(SIZES["tiny"], frozen_lr=0.5)  # only the frozen runs see this setting
-    run_study(changed, [0], out, arms=arms, protocols=["frozen"], tasks=["depth"], echo=lambda text: None)
-    rerun = {p for p in stamps if p.stat().st_mtime_ns != stamps[p]}
-    assert rerun == {out / "finetune/local-global/seed-0/frozen-depth/results.json",
-                     out / "finetune/random/seed-0/frozen-depth/results.json"}  # fmt: skip
-    assert "lr: 0.5" in (out / "finetune/random/seed-0/frozen-depth/config.yaml").read_text()
-
-
-@pytest.mark.slow
-def test_tiny_study_compares_all_four_encoders(tmp_path):
-    out = tmp_path / "study"
-    assert load_script("study").main(["--size", "tiny", "--seeds", "1", "--output-dir", str(out)]) == 0
-    check_report(out, list(ARMS))
-    for loss in ("global", "both"):
-        assert f"loss: {loss}" in (out / f"pretrain/{loss}/seed-0/config.yaml").read_text()
+    assert again["encoders"] == study["encoders"]
 
 
 def test_study_refuses_bad_choices(tmp_path):
@@ -200,5 +242,7 @@ def test_study_refuses_bad_choices(tmp_path):
         run_study("tiny", [0], tmp_path, arms=["local-global", "dense"])
     with pytest.raises(ValueError, match="seeds"):
         run_study("tiny", [], tmp_path)
+    with pytest.raises(ValueError, match="jobs"):
+        run_study("tiny", [0], tmp_path, jobs=0)
     assert load_script("study").main(["--seeds", "0", "--output-dir", str(tmp_path)]) == 2
     assert not list(tmp_path.iterdir())

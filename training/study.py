@@ -1,32 +1,43 @@
-"""The paper's claim in miniature: on the synthetic indoor scenes, compare encoders pre-trained with the
-local-to-global loss, the global (SimCLR) loss and their sum against a random initialisation, under two
-protocols (frozen encoder + linear head, and full fine-tuning) for segmentation and depth.
+"""Which pre-training gives a ViT better dense features? A study on the synthetic scenes that can tell.
 
-Every arm uses the same architecture, data and budget, for several seeds; each pre-training and fine-tuning run
-is the project's own script run in this process (`demo.run_stage`). A patch-feature diagnostic measures how
-alike the patch features of one image are (mean cosine similarity of distinct patches on the validation split;
-near 1: the patches collapsed onto one image-level vector); the centred variant first subtracts the mean feature
-of all validation patches, which removes an offset that every patch shares. Outputs in the study folder::
+Arms (`ARMS`): random initialisation; a supervised upper bound (the same encoder trained for the same steps
+with a linear segmentation head on the unlabelled pool's labels); global InfoNCE; the paper's local-to-global
+loss; their sum; the dense local-to-local term; the paper's loss plus the dense term, at weight 1 and 0.25 and
+with a stop-gradient on its [CLS] side.
 
-    data/  pretrain/ARM/seed-K/  finetune/ARM/seed-K/PROTOCOL-TASK/   the runs (finished runs are skipped
-                                                                       when the study is started again)
-    study.json   settings, per-run records and mean/std over seeds
-    study.md     the tables          study.png   the chart
+Main protocol: frozen encoders, their patch tokens cached once per encoder (`probes`): linear segmentation
+(all classes and a floor/wall/ceiling/object split), k-NN patch retrieval and linear log-depth, each trained on
+L labelled scenes for every L in `label_counts`, the subset drawn anew with each seed; plus the patch cosine.
+The unlabelled pool, the labelled scenes and the validation scenes are disjoint (two datasets rendered from
+different seeds). A longer budget (`longer_factor` x the steps) repeats global, the paper's loss and the best
+arm; a secondary protocol fine-tunes whole encoders on the full labelled split.
+
+Each run is the project's own script run in-process (`demo.run_stage`), `jobs` at a time in worker
+processes. Finished runs are skipped when the study starts again, stopped ones resume from their checkpoint,
+and the report is rewritten after every finished run. Outputs in the study folder::
+
+    data/pool  data/labelled                      the two datasets
+    runs/ARM/seed-K[-xF]/{pretrain,probes.json}   one encoder and its probe results (F: budget factor)
+    finetune/ARM/seed-K/TASK/                     the secondary protocol's runs
+    study.json  study.md  study.png               the report
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import multiprocessing
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 
+from . import depth, segmentation
 from .checkpoint import complete_checkpoints
 from .config import config_to_dict, parse_config
 from .demo import (
@@ -39,28 +50,64 @@ from .demo import (
     pretrain_argv,
     run_stage,
     segmentation_argv,
-    torch_threads,
 )
+from .pretraining import PretrainConfig, model_source
+from .pretraining import main as pretrain_main
+from .probes import ProbeSettings, Scenes, encode, load_scenes, patch_similarity, probe_encoder
 from .runlog import read_json, write_json
-from .study_report import ENCODER_METRICS, TASK_METRICS, mean_std, plot_study, study_markdown
+from .study_report import best_arm, write_report
 
-ARMS: tuple[str, ...] = ("local-global", "global", "both", "random")
-PROTOCOLS: tuple[str, ...] = ("frozen", "full")
-TASKS: tuple[str, ...] = ("segmentation", "depth")
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One encoder recipe: `loss` is the --loss of its pre-training (None: no self-supervised pre-training)."""
+
+    name: str
+    title: str
+    loss: str | None = None
+    cls_stop_gradient: bool = False
+
+
+ARMS: dict[str, Arm] = {
+    arm.name: arm
+    for arm in (
+        Arm("random", "random init"),
+        Arm("supervised", "supervised (upper bound)"),
+        Arm("global", "global (SimCLR)", "global"),
+        Arm("local-global", "local-global (paper)", "local-global"),
+        Arm("local-global+global", "local-global + global", "local-global+global"),
+        Arm("local-local", "local-local", "local-local"),
+        Arm("local-global+local-local", "local-global + local-local", "local-global+local-local"),
+        Arm(
+            "0.25local-global+local-local", "0.25 local-global + local-local", "0.25*local-global+local-local"
+        ),
+        Arm(
+            "local-global-sg+local-local",
+            "local-global, [CLS] stop-grad, + local-local",
+            "local-global+local-local",
+            cls_stop_gradient=True,
+        ),
+    )
+}
+LONGER_ARMS = ("random", "global", "local-global")  # plus the best arm
+SECONDARY_ARMS = ("random", "supervised", "local-global")  # plus the best arm
+TASKS = ("segmentation", "depth")
 
 
 @dataclasses.dataclass(frozen=True)
 class StudySize:
-    """Run settings shared by every arm (`settings`; its `finetune_lr` is the full fine-tuning lr), the linear
-    probe's lr, and how many validation images the patch diagnostic reads."""
+    """`settings` sizes the runs (its num_train / num_val are the labelled and validation scenes; its fine-tuning
+    fields the secondary protocol); `num_pool` unlabelled scenes feed pre-training."""
 
     settings: DemoSettings
-    frozen_lr: float = 1e-2
-    diagnostic_samples: int = 100
+    num_pool: int
+    label_counts: tuple[int, ...] = (16, 64)
+    probe: ProbeSettings = ProbeSettings()
+    longer_factor: int = 3
+    supervised_lr: float = 1e-3
 
 
 def _sizes() -> dict[str, StudySize]:
-    # The depth head's width scales with the encoder's (its default, 256, suits ViT-B and would dominate here).
     small_vit = {
         "hidden_size": 64,
         "num_hidden_layers": 4,
@@ -68,34 +115,34 @@ def _sizes() -> dict[str, StudySize]:
         "patch_size": 8,
         "depth_head_hidden_size": 64,
     }
-    # Full fine-tuning: the head at finetune_lr, block i of L at finetune_lr * 0.65^(L + 1 - i).
     common = dict(
-        projection_hidden_size=256, projection_dim=64, finetune_lr=5e-3, layer_decay=0.65, plot_curves=False
-    )
+        projection_hidden_size=256, projection_dim=64, finetune_lr=5e-3, layer_decay=0.65, plot_curves=False,
+        num_workers=0, num_threads=1, log_every=25,
+    )  # fmt: skip
     return {
-        # The demo's toy sizes (2 steps per run), with the study's fine-tuning recipe.
-        "tiny": StudySize(dataclasses.replace(QUICK, finetune_lr=common["finetune_lr"]), diagnostic_samples=4),
-        "small": StudySize(
-            DemoSettings(
-                image_size=32, num_train=1000, num_val=100, model=small_vit, pretrain_steps=150,
-                finetune_steps=100, **common,
-            )
+        "tiny": StudySize(
+            dataclasses.replace(QUICK, num_train=8, num_val=4, finetune_lr=5e-3),
+            num_pool=16,
+            label_counts=(2, 4),
+            probe=ProbeSettings(steps=5, knn_k=3),
+            longer_factor=2,
         ),
         "default": StudySize(
             DemoSettings(
-                image_size=48, num_train=2000, num_val=100, model=small_vit, pretrain_steps=250,
-                finetune_steps=200, **common,
-            )
+                image_size=64, num_train=256, num_val=200, model=small_vit, pretrain_steps=300,
+                finetune_steps=150, **common,
+            ),
+            num_pool=4000,
         ),
         "large": StudySize(
             DemoSettings(
-                image_size=128, num_train=10000, num_val=500, model="vit-tiny", pretrain_steps=3000,
-                pretrain_batch_size=128, finetune_steps=1000, finetune_batch_size=32, num_workers=6,
-                log_every=50,
-                **{**common, "projection_hidden_size": 2048, "projection_dim": 256, "finetune_lr": 1e-3},
+                image_size=128, num_train=1000, num_val=500, model="vit-tiny", pretrain_steps=3000,
+                pretrain_batch_size=128, finetune_steps=1000, finetune_batch_size=32,
+                **{**common, "projection_hidden_size": 2048, "projection_dim": 256, "finetune_lr": 1e-3,
+                   "num_workers": 6, "num_threads": None, "log_every": 50},
             ),
-            frozen_lr=2e-3,
-            diagnostic_samples=500,
+            num_pool=20000,
+            label_counts=(16, 64, 256),
         ),
     }  # fmt: skip
 
@@ -103,46 +150,14 @@ def _sizes() -> dict[str, StudySize]:
 SIZES: dict[str, StudySize] = _sizes()
 
 
-# --- the patch-feature diagnostic ---------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class StudyPaths:
+    root: Path
+    pool: Path
+    labelled: Path
 
-
-def mean_patch_cosine(features: torch.Tensor) -> torch.Tensor:
-    """Per-image mean cosine similarity between distinct patch features: (B, N, D) -> (B,), N >= 2."""
-    if features.ndim != 3 or features.shape[1] < 2:
-        raise ValueError(f"features must be (B, N, D) with N >= 2 patches, got shape {tuple(features.shape)}")
-    unit = F.normalize(features.double(), dim=-1)
-    gram = unit @ unit.transpose(1, 2)  # (B, N, N)
-    n = unit.shape[1]
-    off_diagonal = gram.sum((1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(-1)
-    return off_diagonal / (n * (n - 1))
-
-
-@torch.inference_mode()
-def patch_features(
-    encoder_dir: str | Path, dataset: Path, num_samples: int, batch_size: int = 32
-) -> torch.Tensor:
-    """Final-norm patch features (M, N, D) of the first `num_samples` validation images, at their stored size."""
-    from ..modeling import DenseCLViTModel
-    from .dense_transforms import to_pixel_values
-    from .synthetic_dataset import load_synthetic_dataset
-
-    encoder = DenseCLViTModel.from_pretrained(encoder_dir).eval()
-    stream = load_synthetic_dataset(dataset, "validation", streaming=True).take(num_samples)
-    pixels = [to_pixel_values(example["image"].convert("RGB")) for example in stream]
-    if not pixels:
-        raise ValueError(f"{dataset} holds no validation images for the patch diagnostic")
-    batches = [torch.stack(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)]
-    return torch.cat([encoder(pixel_values=b).last_hidden_state[:, 1:] for b in batches])
-
-
-def patch_similarity(features: torch.Tensor) -> dict[str, float]:
-    """{"patch_cos": mean over images of `mean_patch_cosine`, "patch_cos_centered": the same after subtracting
-    the mean feature of all the patches of all the images} of features (M, N, D)."""
-    centered = features - features.mean(dim=(0, 1), keepdim=True)
-    return {
-        "patch_cos": float(mean_patch_cosine(features).mean()),
-        "patch_cos_centered": float(mean_patch_cosine(centered).mean()),
-    }
+    def run_dir(self, arm: str, seed: int, factor: int) -> Path:
+        return self.root / "runs" / arm / (f"seed-{seed}" + (f"-x{factor}" if factor > 1 else ""))
 
 
 # --- runs ---------------------------------------------------------------------------------------------
@@ -161,17 +176,13 @@ def _same_config(run_dir: Path, wanted: Mapping[str, Any]) -> bool:
 
 def _run_once(run_dir: Path, needed: str, main_fn: Callable[[Any], Any], cls: type, argv: list[str]) -> None:
     """Run a script's `main_fn` on `argv` unless `run_dir` holds a completed run of the same config; resume a
-    stopped run of the same config from its last checkpoint; start over otherwise (a changed setting, or no
-    checkpoint yet). Checkpoints are dropped after completion (the study reads the final model and results)."""
+    stopped run of the same config from its last checkpoint; start over otherwise. Checkpoints are dropped
+    after completion (the study reads the final model and results)."""
     argv = [*argv, "--resume-from", "latest"]
     same = _same_config(run_dir, config_to_dict(parse_config(cls, argv)))
     results = run_dir / "results.json"
-    if (
-        same
-        and results.is_file()
-        and read_json(results).get("status") == "completed"
-        and (run_dir / needed).exists()
-    ):
+    done = results.is_file() and read_json(results).get("status") == "completed"
+    if same and done and (run_dir / needed).exists():
         return
     if run_dir.exists() and not (same and complete_checkpoints(run_dir)):
         shutil.rmtree(run_dir)
@@ -184,7 +195,6 @@ def save_random_encoder(model: str, image_size: int, seed: int, folder: Path) ->
     from accelerate.utils import set_seed
 
     from ..modeling import DenseCLViTConfig, DenseCLViTImageProcessor, DenseCLViTModel
-    from .pretraining import model_source
 
     fields = {k: v for k, v in model_source(model)[1].items() if k not in ("architectures", "auto_map")}
     config = DenseCLViTConfig.from_dict({**fields, "image_size": image_size})
@@ -195,152 +205,235 @@ def save_random_encoder(model: str, image_size: int, seed: int, folder: Path) ->
     return folder
 
 
-def build_encoder(
-    size: StudySize, arm: str, seed: int, data: Path, root: Path
-) -> tuple[Path, dict[str, float]]:
-    """The encoder folder of (arm, seed), pre-training it if needed, and its pre-training loss start/end."""
-    from .pretraining import PretrainConfig
-    from .pretraining import main as pretrain_main
-
-    s, run_dir = size.settings, root / "pretrain" / arm / f"seed-{seed}"
-    model = model_argument(s.model, root)
-    if arm == "random":
-        if not (run_dir / "final" / "model.safetensors").is_file():
-            save_random_encoder(model, s.image_size, seed, run_dir / "final")
-        return run_dir / "final", {}
-    argv = pretrain_argv(s, data, run_dir, model, loss=arm, seed=seed)
-    _run_once(run_dir, "final", pretrain_main, PretrainConfig, argv)
+def build_encoder(size: StudySize, arm: Arm, seed: int, factor: int, paths: StudyPaths) -> tuple[Path, dict]:
+    """The encoder folder of (arm, seed, budget factor), training it if needed, and its training loss start/end."""
+    s, run_dir = size.settings, paths.run_dir(arm.name, seed, factor) / "train"
+    model = model_argument(s.model, paths.root / "runs")
+    steps = s.pretrain_steps * factor
+    random_dir = paths.root / "runs" / "random" / f"seed-{seed}" / "encoder"
+    if arm.name == "random" or arm.name == "supervised":
+        if not (random_dir / "model.safetensors").is_file():
+            save_random_encoder(model, s.image_size, seed, random_dir)
+        if arm.name == "random":
+            return random_dir, {}
+        # The same encoder, data, steps and batch as pre-training, taught by the pool's labels instead.
+        sup = dataclasses.replace(
+            s, finetune_steps=steps, finetune_batch_size=s.pretrain_batch_size, finetune_lr=size.supervised_lr,
+            layer_decay=None, log_every=max(1, steps // 10),
+        )  # fmt: skip
+        argv = segmentation_argv(sup, paths.pool, str(random_dir), run_dir, seed)
+        _run_once(run_dir, "final", segmentation.main, segmentation.FinetuneSegmentationConfig, argv)
+    else:
+        run = dataclasses.replace(s, pretrain_steps=steps, log_every=max(1, steps // 10))
+        argv = pretrain_argv(run, paths.pool, run_dir, model, loss=arm.loss, seed=seed)
+        argv += ["--cls-stop-gradient", str(arm.cls_stop_gradient).lower()]
+        _run_once(run_dir, "final", pretrain_main, PretrainConfig, argv)
     start, end = loss_curve(run_dir)
     return run_dir / "final", {"loss_start": start, "loss_end": end}
 
 
-def finetune(
-    size: StudySize, task: str, protocol: str, encoder: Path, seed: int, data: Path, run_dir: Path
-) -> dict[str, float]:
-    """Fine-tune `encoder` for `task` under `protocol` ("frozen": linear probe, no drop path); its metrics."""
-    from . import depth, segmentation
+_SCENES: dict[Path, tuple[Scenes, Scenes]] = {}
 
-    s = (
-        size.settings
-        if protocol == "full"
-        else dataclasses.replace(size.settings, finetune_lr=size.frozen_lr)
-    )
+
+def _scenes(labelled: Path) -> tuple[Scenes, Scenes]:
+    """(labelled, validation) scenes of the labelled dataset, decoded once per process."""
+    if labelled not in _SCENES:
+        _SCENES[labelled] = (load_scenes(labelled, "train"), load_scenes(labelled, "validation"))
+    return _SCENES[labelled]
+
+
+def labelled_subset(seed: int, count: int, available: int) -> torch.Tensor:
+    """The indices of the `count` labelled scenes of `seed`: the same for every arm, new for each seed."""
+    if count > available:
+        raise ValueError(
+            f"label count {count} exceeds the {available} labelled scenes; render more or pick less"
+        )
+    rng = np.random.default_rng([seed, count])
+    return torch.from_numpy(np.sort(rng.choice(available, size=count, replace=False)))
+
+
+def encoder_record(
+    size: StudySize, arm_name: str, seed: int, factor: int, paths: StudyPaths
+) -> dict[str, Any]:
+    """Train (or find) one encoder and probe it: {"arm", "seed", "factor", losses, patch cosine, "probes": {L:
+    metrics}}. The record is kept in probes.json and reused while the probe settings stay the same."""
+    arm = ARMS[arm_name]
+    record_path = paths.run_dir(arm.name, seed, factor) / "probes.json"
+    settings = {"probe": dataclasses.asdict(size.probe), "label_counts": list(size.label_counts)}
+    encoder, losses = build_encoder(size, arm, seed, factor, paths)
+    if record_path.is_file() and read_json(record_path).get("probe_settings") == settings:
+        return read_json(record_path)
+    train, val = _scenes(paths.labelled)
+    tokens = encode(encoder, torch.cat([train.pixels, val.pixels]))  # (M, N, D), cached for every probe
+    train_tokens, val_tokens = tokens[: len(train)], tokens[len(train) :]
+    probes = {}
+    for count in size.label_counts:
+        index = labelled_subset(seed, count, len(train))
+        probes[str(count)] = probe_encoder(
+            train_tokens[index], train.subset(index), val_tokens, val, size.probe, seed
+        )
+    record = {
+        "arm": arm.name,
+        "seed": seed,
+        "factor": factor,
+        **losses,
+        **patch_similarity(val_tokens),
+        "probes": probes,
+        "probe_settings": settings,
+    }
+    write_json(record_path, record)
+    return record
+
+
+def finetune_record(
+    size: StudySize, arm_name: str, seed: int, task: str, paths: StudyPaths
+) -> dict[str, Any]:
+    """The secondary protocol: fine-tune the whole encoder of (arm, seed) on the full labelled split."""
+    encoder, _ = build_encoder(size, ARMS[arm_name], seed, 1, paths)
+    run_dir = paths.root / "finetune" / arm_name / f"seed-{seed}" / task
     if task == "segmentation":
         module, cls, argv = segmentation, segmentation.FinetuneSegmentationConfig, segmentation_argv
     else:
         module, cls, argv = depth, depth.FinetuneDepthConfig, depth_argv
-    args = argv(s, data, str(encoder), run_dir, seed)
-    if protocol == "frozen":
-        args += ["--freeze-encoder", "--drop-path-rate", "0"]
-    _run_once(run_dir, "eval_results.json", module.main, cls, args)
+    _run_once(
+        run_dir,
+        "eval_results.json",
+        module.main,
+        cls,
+        argv(size.settings, paths.labelled, str(encoder), run_dir, seed),
+    )
     metrics = read_json(run_dir / "eval_results.json")["metrics"]
-    return {name: float(metrics[name]) for name in TASK_METRICS[task]}
+    names = ("mean_iou",) if task == "segmentation" else ("delta1", "abs_rel")
+    return {"arm": arm_name, "seed": seed, "task": task, **{n: float(metrics[n]) for n in names}}
 
 
 # --- the study ----------------------------------------------------------------------------------------
 
 
-def _check(arms: Sequence[str], protocols: Sequence[str], tasks: Sequence[str], seeds: Sequence[int]) -> None:
-    for name, chosen, allowed in (
-        ("arms", arms, ARMS),
-        ("protocols", protocols, PROTOCOLS),
-        ("tasks", tasks, TASKS),
-    ):
-        unknown = [c for c in chosen if c not in allowed]
-        if unknown or not chosen:
-            raise ValueError(f"{name} must be a non-empty subset of {', '.join(allowed)}; got {list(chosen)}")
-    if not seeds or min(seeds) < 0:
-        raise ValueError(f"seeds must be a non-empty list of non-negative integers, got {list(seeds)}")
+def _worker_start(num_threads: int) -> None:
+    torch.set_num_threads(num_threads)
+
+
+def _map(
+    jobs: int, num_threads: int, calls: Sequence[tuple[Callable, tuple]], done: Callable[[Any], None]
+) -> None:
+    """Run `calls` (function, args) `jobs` at a time in worker processes (in this process for jobs=1), handing
+    each result to `done` as it finishes."""
+    if jobs <= 1:
+        before = torch.get_num_threads()
+        torch.set_num_threads(num_threads)
+        try:
+            for fn, args in calls:
+                done(fn(*args))
+        finally:
+            torch.set_num_threads(before)
+        return
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(jobs, context, _worker_start, (num_threads,)) as pool:
+        futures = [pool.submit(fn, *args) for fn, args in calls]
+        for future in concurrent.futures.as_completed(futures):
+            done(future.result())
 
 
 def run_study(
     size: str | StudySize,
     seeds: Sequence[int] = (0, 1, 2),
     output_dir: str | Path = "outputs/study",
-    arms: Sequence[str] = ARMS,
-    protocols: Sequence[str] = PROTOCOLS,
-    tasks: Sequence[str] = TASKS,
+    arms: Sequence[str] = tuple(ARMS),
+    jobs: int = 2,
+    secondary: bool = True,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run (or finish) the study and write study.json, study.md and study.png; returns the study.json content.
-
-    Seeds are the outer loop and the report is rewritten after each seed, so a stopped study leaves the report
-    of its complete seeds; started again on the same folder, it skips the runs that finished and resumes a run
-    stopped by a signal (which raises `StageInterrupted`) from its checkpoint.
-    """
+    """Run (or finish) the study and write study.json, study.md and study.png; returns the study.json content."""
     name = size if isinstance(size, str) else "custom"
     if isinstance(size, str):
         if size not in SIZES:
             raise ValueError(f"unknown study size {size!r}; use one of {', '.join(SIZES)}")
         size = SIZES[size]
-    _check(arms, protocols, tasks, seeds)
+    _check(arms, seeds, jobs)
     root, started = Path(output_dir), time.perf_counter()
-    data = ensure_dataset(size.settings, root / "data")
-    plan = [(seed, arm) for seed in seeds for arm in arms]
-    encoders: list[dict[str, Any]] = []
-    runs: list[dict[str, Any]] = []
-    with torch_threads(size.settings.num_threads, size.settings.num_workers) as threads:
-        echo(f"{threads} torch thread(s), {size.settings.num_workers} data loader worker(s) per run")
-        for number, (seed, arm) in enumerate(plan, start=1):
-            echo(f"\n=== study [{number}/{len(plan)}] encoder {arm}, seed {seed}")
-            encoder, losses = build_encoder(size, arm, seed, data, root)
-            similarity = patch_similarity(patch_features(encoder, data, size.diagnostic_samples))
-            encoders.append({"arm": arm, "seed": seed, **losses, **similarity})
-            for protocol, task in [(p, t) for p in protocols for t in tasks]:
-                echo(f"\n=== study [{number}/{len(plan)}] {task}, {protocol}, encoder {arm}, seed {seed}")
-                run_dir = root / "finetune" / arm / f"seed-{seed}" / f"{protocol}-{task}"
-                metrics = finetune(size, task, protocol, encoder, seed, data, run_dir)
-                runs.append({"arm": arm, "seed": seed, "protocol": protocol, "task": task, **metrics})
-            if arm == arms[-1]:  # a seed is complete: rewrite the report
-                done = list(seeds[: list(seeds).index(seed) + 1])
-                study = {
-                    "size": name,
-                    **_describe(size),
-                    "seeds": done,
-                    "arms": list(arms),
-                    "protocols": list(protocols),
-                    "tasks": list(tasks),
-                    "summary": aggregate(encoders, runs, arms, protocols),
-                    "encoders": encoders,
-                    "runs": runs,
-                    "wall_time_s": round(time.perf_counter() - started, 1),
-                }
-                write_report(study, root)
+    s = size.settings
+    echo(f"rendering the datasets into {root / 'data'} (skipped when present)")
+    pool = ensure_dataset(
+        dataclasses.replace(
+            s, num_train=size.num_pool, num_val=max(4, s.num_val // 10), dataset_seed=s.dataset_seed + 1
+        ),
+        root / "data" / "pool",
+    )
+    paths = StudyPaths(root, pool, ensure_dataset(s, root / "data" / "labelled"))
+    study: dict[str, Any] = {
+        "size": name,
+        "settings": dataclasses.asdict(s),
+        "num_pool": size.num_pool,
+        "label_counts": list(size.label_counts),
+        "probe": dataclasses.asdict(size.probe),
+        "longer_factor": size.longer_factor,
+        "seeds": list(seeds),
+        "arms": list(arms),
+        "titles": {a: ARMS[a].title for a in ARMS},
+        "encoders": [],
+        "finetune": [],
+    }
+
+    def report(record: Mapping[str, Any], key: str) -> None:
+        study[key].append(dict(record))
+        study["wall_time_s"] = round(time.perf_counter() - started, 1)
+        write_report(study, root)
+        echo(f"done: {' '.join(str(record[k]) for k in ('arm', 'seed', 'factor', 'task') if k in record)}")
+
+    threads = s.num_threads or 1
+    main_jobs = [(encoder_record, (size, arm, seed, 1, paths)) for seed in seeds for arm in arms]
+    echo(f"main protocol: {len(main_jobs)} encoders, {jobs} at a time")
+    _map(jobs, threads, main_jobs, lambda r: report(r, "encoders"))
+    best = best_arm(study)
+    study["best_arm"] = best
+    longer = [a for a in (*LONGER_ARMS, best) if a in arms and a is not None]
+    longer = list(dict.fromkeys(longer))
+    longer_jobs = [
+        (encoder_record, (size, a, seed, size.longer_factor, paths))
+        for seed in seeds
+        for a in longer
+        if a != "random"
+    ]
+    for record in [r for r in study["encoders"] if r["arm"] == "random" and r["factor"] == 1]:
+        study["encoders"].append({**record, "factor": size.longer_factor})  # random init has no budget
+    echo(f"longer budget (x{size.longer_factor}): {', '.join(longer)}")
+    _map(jobs, threads, longer_jobs, lambda r: report(r, "encoders"))
+    if secondary:
+        chosen = list(dict.fromkeys(a for a in (*SECONDARY_ARMS, best) if a in arms and a is not None))
+        ft_jobs = [
+            (finetune_record, (size, a, seed, task, paths))
+            for seed in seeds
+            for a in chosen
+            for task in TASKS
+        ]
+        echo(f"secondary protocol (full fine-tuning): {', '.join(chosen)}")
+        _map(jobs, threads, ft_jobs, lambda r: report(r, "finetune"))
+    study["wall_time_s"] = round(time.perf_counter() - started, 1)
+    write_report(study, root)
     echo(f"\nstudy written to {root / 'study.md'}, {root / 'study.json'} and {root / 'study.png'}")
     return study
 
 
-def _describe(size: StudySize) -> dict[str, Any]:
-    return {
-        "settings": dataclasses.asdict(size.settings),
-        "frozen_lr": size.frozen_lr,
-        "diagnostic_samples": size.diagnostic_samples,
-    }
+def _check(arms: Sequence[str], seeds: Sequence[int], jobs: int) -> None:
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or not arms:
+        raise ValueError(f"arms must be a non-empty subset of {', '.join(ARMS)}; got {list(arms)}")
+    if not seeds or min(seeds) < 0:
+        raise ValueError(f"seeds must be a non-empty list of non-negative integers, got {list(seeds)}")
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
 
 
-def write_report(study: Mapping[str, Any], root: Path) -> None:
-    """study.json, study.md and study.png in `root`."""
-    write_json(root / "study.json", study)
-    (root / "study.md").write_text(study_markdown(study))
-    plot_study(study, root / "study.png")
-
-
-def aggregate(
-    encoders: Sequence[Mapping[str, Any]],
-    runs: Sequence[Mapping[str, Any]],
-    arms: Sequence[str] = ARMS,
-    protocols: Sequence[str] = PROTOCOLS,
-) -> dict[str, dict[str, dict[str, Any]]]:
-    """{arm: {"encoder": {metric: mean_std}, protocol: {metric: mean_std}}} over the seeds of each arm."""
-    summary: dict[str, dict[str, dict[str, Any]]] = {}
-    for arm in arms:
-        rows = [e for e in encoders if e["arm"] == arm]
-        entry = {
-            "encoder": {m: mean_std([r[m] for r in rows]) for m in ENCODER_METRICS if rows and m in rows[0]}
-        }
-        for protocol in protocols:
-            picked = [r for r in runs if r["arm"] == arm and r["protocol"] == protocol]
-            names = [m for task in TASKS for m in TASK_METRICS[task] if any(m in r for r in picked)]
-            entry[protocol] = {m: mean_std([r[m] for r in picked if m in r]) for m in names}
-        summary[arm] = entry
-    return summary
+__all__ = [
+    "ARMS",
+    "SIZES",
+    "Arm",
+    "StudySize",
+    "build_encoder",
+    "encoder_record",
+    "finetune_record",
+    "labelled_subset",
+    "run_study",
+    "save_random_encoder",
+]
