@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .data_sections import augmentation_benchmark, end_to_end_in_temporary_folder
-from .model_sections import encoder_benchmark, pretraining_step_benchmark
+from .model_sections import dense_loss_memory, encoder_benchmark, pretraining_step_benchmark
 from .options import BenchOptions, build_parser, resolve_options
 from .report import environment, render_markdown
 
@@ -52,6 +52,7 @@ def run(opts: BenchOptions, argv: Sequence[str] = ()) -> dict[str, Any]:
         "pretraining_step": lambda: [
             pretraining_step_benchmark(size, opts, accelerator) for size in opts.sizes
         ],
+        "dense_memory": lambda: dense_loss_memory(opts),
         "augmentation": lambda: augmentation_benchmark(opts),
         "end_to_end": lambda: end_to_end_in_temporary_folder(opts, accelerator),
     }

@@ -4,22 +4,29 @@ step against the encoder's own two-view forward+backward (``pretraining_step``).
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from ...modeling import DenseCLViTConfig, DenseCLViTForPreTraining, DenseCLViTModel
+from ...modeling.configuration_densecl_vit import PRETRAINING_LOSS_TERMS
+from ...modeling.losses_densecl_vit import local_local_info_nce
+from ...modeling.modeling_densecl_vit import DenseCLViTViewGeometry
 from ..conversion import densecl_to_timm
 from .measure import (
+    MemoryProbe,
     encoder_flops,
     operator_difference,
     paired_ratio,
     pretraining_step_flops,
+    synchronize,
     time_interleaved,
     timing_summary,
 )
-from .options import SIZES, BenchOptions, build_config, build_timm, utilisation
+from .options import SIZES, SOURCE_SIZE, BenchOptions, build_config, build_timm, utilisation
 
 
 def _backward_pass(
@@ -168,11 +175,25 @@ def _method_part_candidates(
         optimizer.zero_grad(set_to_none=True)
         hidden.grad = projected.grad = None
 
-    def loss() -> torch.Tensor:
-        embeddings = torch.nn.functional.normalize(projected, dim=-1)  # as DenseCLViTForPreTraining.embed
-        global_1, global_2 = embeddings[:, 0].chunk(2)
-        local_1, local_2 = embeddings[:, 1:].chunk(2)
-        return model.contrastive_loss(global_1, local_1, global_2, local_2)
+    geometry = view_geometry(opts.batch, config, opts.device)
+
+    def loss(term: str | None = None) -> Callable[[], torch.Tensor]:
+        """The configured loss, or one of its terms alone (`term`), from the projected leaf tokens."""
+
+        def run() -> torch.Tensor:
+            embeddings = torch.nn.functional.normalize(projected, dim=-1)  # as DenseCLViTForPreTraining.embed
+            global_1, global_2 = embeddings[:, 0].chunk(2)
+            local_1, local_2 = embeddings[:, 1:].chunk(2)
+            if term is None:
+                return model.contrastive_loss(global_1, local_1, global_2, local_2, geometry)
+            spec = model.config.pretraining_loss
+            model.config.pretraining_loss = term
+            try:
+                return model.contrastive_loss(global_1, local_1, global_2, local_2, geometry)
+            finally:
+                model.config.pretraining_loss = spec
+
+        return run
 
     def update(step_optimizer: Any) -> Callable[[], None]:
         def run() -> None:
@@ -186,7 +207,8 @@ def _method_part_candidates(
 
     candidates = {
         "head": _backward_pass(lambda: model.projection(hidden), accelerator.autocast, clear),
-        "loss": _backward_pass(loss, accelerator.autocast, clear),
+        "loss": _backward_pass(loss(), accelerator.autocast, clear),
+        **{f"term:{t}": _backward_pass(loss(t), accelerator.autocast, clear) for t in PRETRAINING_LOSS_TERMS},
     }
     candidates["optimizer"] = update(optimizer)
     if optimizer.defaults.get("fused"):
@@ -206,12 +228,14 @@ def pretraining_step_benchmark(size: str, opts: BenchOptions, accelerator: Any) 
     from ..guards import NonFiniteGuard
     from ..loop import train_step
 
-    config = build_config(size, opts.image_size)
+    config = build_config(size, opts.image_size, opts.loss)
     _, model, optimizer, scheduler = training_setup(config, opts, accelerator)
     inner = accelerator.unwrap_model(model)
     encoder, head = inner.densecl_vit, inner.projection
     shape = (opts.batch, 3, opts.image_size, opts.image_size)
     batch = {key: torch.randn(shape, device=opts.device) for key in ("pixel_values", "pixel_values_2")}
+    geometry = view_geometry(opts.batch, config, opts.device)
+    batch.update(zip(("crop_boxes", "flips", "crop_boxes_2", "flips_2"), geometry.boxes_and_flips()))
     views, guard = torch.cat([batch["pixel_values"], batch["pixel_values_2"]]), NonFiniteGuard()
 
     candidates = {
@@ -235,6 +259,8 @@ def pretraining_step_benchmark(size: str, opts: BenchOptions, accelerator: Any) 
         "paired_overhead_pct": 100 * (paired_ratio(t["train_step"], t["encoder_two_view"]) - 1),
         "cpu_overhead_pct": 100 * (t["train_step"].cpu_median / t["encoder_two_view"].cpu_median - 1),
         **{f"{part}_pct": 100 * t[part].median / base for part in ("head", "loss", "optimizer")},
+        "loss": opts.loss,
+        "loss_terms_pct": {term: 100 * t[f"term:{term}"].median / base for term in PRETRAINING_LOSS_TERMS},
         "unfused_optimizer_pct": (
             100 * t["optimizer_unfused"].median / base if "optimizer_unfused" in t else None
         ),
@@ -249,3 +275,60 @@ def pretraining_step_benchmark(size: str, opts: BenchOptions, accelerator: Any) 
         "fused_adamw": bool(optimizer.defaults.get("fused")),
         "seconds": timing_summary(t),
     }
+
+
+# --- the dense term's memory ---------------------------------------------------------------------------
+
+
+def view_geometry(batch: int, config: DenseCLViTConfig, device: torch.device) -> DenseCLViTViewGeometry:
+    """Crop boxes and flips of `batch` image pairs as pre-training draws them from a benchmark-sized photo
+    (crop scale 0.08-1, flip p = 0.5; fixed seed), on `device`."""
+    from ..transforms import sample_crop_box
+
+    rng = np.random.default_rng(0)
+    boxes = [
+        [sample_crop_box(*SOURCE_SIZE, (0.08, 1.0), (3 / 4, 4 / 3), rng) for _ in range(2)]
+        for _ in range(batch)
+    ]
+    tensor = torch.tensor(boxes, dtype=torch.float32, device=device)  # (B, 2, 4)
+    flips = torch.from_numpy(rng.random((batch, 2)) < 0.5).to(device)
+    grid = (config.image_size // config.patch_size,) * 2
+    return DenseCLViTViewGeometry(tensor[:, 0], flips[:, 0], tensor[:, 1], flips[:, 1], grid, grid)
+
+
+def dense_loss_memory(opts: BenchOptions) -> list[dict[str, Any]]:
+    """Peak memory of the local-local term's forward+backward for ViT-B's token grid at `opts.dense_batch` images
+    (the projection's 256-wide embeddings, both views), chunked as training runs it and in one chunk; beyond
+    the inputs, with the full (B N)^2 float32 similarity matrix for scale."""
+    size = "test" if opts.dense_batch <= 4 and "test" in opts.sizes else "vit-base"
+    config = build_config(size, opts.image_size if size == "test" else 224)
+    batch, patches = opts.dense_batch, (config.image_size // config.patch_size) ** 2
+    geometry = view_geometry(batch, config, opts.device)
+    probe, rows = MemoryProbe(opts.device), []
+    generator = torch.Generator(opts.device).manual_seed(0)
+    embeddings = [
+        torch.nn.functional.normalize(
+            torch.randn(batch, patches, config.projection_dim, device=opts.device, generator=generator),
+            dim=-1,
+        ).requires_grad_(True)
+        for _ in range(2)
+    ]
+    for label, chunk in (("chunked (training default)", 4096), ("one chunk", batch * patches)):
+        synchronize(opts.device)
+        probe.reset()
+        before = probe.peak_mb()
+        start = time.perf_counter()
+        with opts.autocast():
+            value = local_local_info_nce(
+                *embeddings, *geometry.boxes_and_flips(), config.loss_temperature, chunk_size=chunk
+            )
+        value.backward()
+        synchronize(opts.device)
+        rows.append({
+            "size": size, "batch": batch, "patches": patches, "chunk": label,
+            "peak_mb_beyond_inputs": probe.peak_mb() - before, "seconds": time.perf_counter() - start,
+            "similarity_matrix_mb": (batch * patches) ** 2 * 4 / 2**20, "memory": probe.method,
+        })  # fmt: skip
+        for e in embeddings:
+            e.grad = None
+    return rows

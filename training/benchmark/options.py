@@ -30,7 +30,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "timm": "vit_tiny_patch16_224",
     },
 }
-SECTIONS = ("encoder", "pretraining_step", "augmentation", "end_to_end")
+SECTIONS = ("encoder", "pretraining_step", "dense_memory", "augmentation", "end_to_end")
 SOURCE_SIZE = (500, 375)  # (width, height) of the benchmark JPEGs: the ImageNet median
 
 
@@ -55,6 +55,8 @@ class BenchOptions:
     gpu_augment: bool
     peak_tflops: float | None
     output_dir: Path
+    loss: str = "local-global"
+    dense_batch: int = 128
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype == "fp32":
@@ -62,12 +64,13 @@ class BenchOptions:
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
 
-def build_config(size: str, image_size: int) -> DenseCLViTConfig:
-    """The config of a `SIZES` entry at `image_size` (ValueError if no multiple of the patch size)."""
+def build_config(size: str, image_size: int, loss: str = "local-global") -> DenseCLViTConfig:
+    """The config of a `SIZES` entry at `image_size` trained by `loss` (ValueError if the image size is no
+    multiple of the patch size or the loss is no valid composition)."""
     spec = SIZES[size]
     if "preset" in spec:
-        return DenseCLViTConfig.from_preset(spec["preset"], image_size=image_size)
-    return DenseCLViTConfig(**spec["config"], image_size=image_size)
+        return DenseCLViTConfig.from_preset(spec["preset"], image_size=image_size, pretraining_loss=loss)
+    return DenseCLViTConfig(**spec["config"], image_size=image_size, pretraining_loss=loss)
 
 
 def build_timm(encoder: DenseCLViTModel, name: str) -> torch.nn.Module:
@@ -113,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="end-to-end: colour augmentation batched on the device (default: on for a GPU, as pre-training)",
     )
+    add(
+        "--loss",
+        default="local-global",
+        help="pretraining_loss of the timed training step, e.g. local-global+local-local (each term is also "
+        "timed alone)",
+    )
+    add("--dense-batch", type=int, help="images of the dense_memory section (default 128, quick 2)")
     add("--peak-tflops", type=float, help="the accelerator's peak TFLOP/s for MFU (default: from its name)")
     add("--output-dir", default="outputs/benchmark")
     return parser
@@ -134,7 +144,7 @@ def _check_args(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     sections = args.sections.split(",")
     if not set(sections) <= set(SECTIONS):
         raise ValueError(f"--sections must be a subset of {', '.join(SECTIONS)}, got {args.sections}")
-    for flag in ("batch", "image_size", "threads", "repeats", "steps", "aug_images"):
+    for flag in ("batch", "image_size", "threads", "repeats", "steps", "aug_images", "dense_batch"):
         _positive("--" + flag.replace("_", "-"), getattr(args, flag))
     _positive("--warmup", args.warmup, 0)
     _positive("--workers", args.workers, 0)
@@ -149,8 +159,10 @@ def resolve_options(args: argparse.Namespace) -> BenchOptions:
     sizes, sections = _check_args(args)
     cuda, quick = args.device == "cuda", args.quick
     image_size = args.image_size or (32 if quick else 224)
-    for size in sizes:  # the config refuses an image size that is no multiple of the patch size
-        build_config(size, image_size)
+    for (
+        size
+    ) in sizes:  # the config refuses an image size that is no multiple of the patch size, or a bad loss
+        build_config(size, image_size, args.loss)
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     name = torch.cuda.get_device_name(device) if cuda else ""
     return BenchOptions(
@@ -171,4 +183,6 @@ def resolve_options(args: argparse.Namespace) -> BenchOptions:
         gpu_augment=resolve_gpu_augment(args.gpu_augment, device),
         peak_tflops=args.peak_tflops or (peak_tflops(name) if cuda else None),
         output_dir=Path(args.output_dir),
+        loss=args.loss,
+        dense_batch=args.dense_batch or (2 if quick else 128),
     )

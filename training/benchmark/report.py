@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ...modeling import DenseCLViTModel
+from ...modeling.configuration_densecl_vit import PRETRAINING_LOSS_TERMS
 from .measure import MemoryProbe
 from .options import BenchOptions, build_config
 
@@ -111,6 +112,7 @@ def _step_row(r: dict[str, Any]) -> list[str]:
         f"{_fmt(r['overhead_pct'], 1, '%')}; {_fmt(r['paired_overhead_pct'], 1, '%')}",
         _fmt(r["head_pct"], 1, "%"),
         _fmt(r["loss_pct"], 1, "%"),
+        *(_fmt(r["loss_terms_pct"][t], 1, "%") for t in PRETRAINING_LOSS_TERMS),
         optimizer,
         _fmt(r["flop_overhead_pct"], 1, "%"),
         f"{r['train_step_peak_mb']:,.0f} / {r['encoder_two_view_peak_mb']:,.0f}",
@@ -120,16 +122,39 @@ def _step_row(r: dict[str, Any]) -> list[str]:
 
 def _step_table(rows: list[dict[str, Any]]) -> list[str]:
     header = ["size", "batch (x2 views)", "step img/s", "encoder img/s", "overhead (medians; paired)", "head"]
-    header += ["loss", "grad norm + AdamW", "FLOP overhead", "peak MB step / encoder", "MFU"]
+    header += [f"loss ({rows[0]['loss']})", *(f"{t} alone" for t in PRETRAINING_LOSS_TERMS)]
+    header += ["grad norm + AdamW", "FLOP overhead", "peak MB step / encoder", "MFU"]
     lines = _table(
-        "Pre-training step vs the encoder's two-view forward+backward", header, map(_step_row, rows)
+        f"Pre-training step ({rows[0]['loss']}) vs the encoder's two-view forward+backward",
+        header,
+        map(_step_row, rows),
     )
     fused = "fused" if all(r["fused_adamw"] for r in rows) else "not fused"
     return lines + [
         "Overhead: step time / encoder time - 1, from the two medians and as the median of the rounds' "
         "ratios (paired: robust to a machine whose speed drifts). Head, loss, grad norm + AdamW: each part "
         f"timed alone, in % of the encoder's time (the training run's AdamW, {fused}; unfused: torch's "
-        "default kernels). FLOP overhead: the floor the head's and the loss's FLOPs set.",
+        "default kernels); each loss term alone on the same embeddings, with crop boxes drawn as pre-training "
+        "draws them. FLOP overhead: the floor the head's and the local-global loss's FLOPs set.",
+        "",
+    ]
+
+
+def _dense_memory_table(rows: list[dict[str, Any]]) -> list[str]:
+    header = ["grid", "images", "chunks", "peak MB beyond inputs", "(B N)^2 float32 matrix MB", "seconds"]
+    body = [
+        [
+            f"{r['size']} ({r['patches']} patches)",
+            str(r["batch"]),
+            r["chunk"],
+            f"{r['peak_mb_beyond_inputs']:,.0f}",
+            f"{r['similarity_matrix_mb']:,.0f}",
+            _fmt(r["seconds"]),
+        ]
+        for r in rows
+    ]
+    return _table("Local-local term, forward+backward: peak memory", header, body) + [
+        f"Peak memory ({rows[0]['memory']}) during the term's forward and backward on both views' embeddings.",
         "",
     ]
 
@@ -195,6 +220,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     tables = {
         "encoder": _encoder_table,
         "pretraining_step": _step_table,
+        "dense_memory": _dense_memory_table,
         "augmentation": _augmentation_table,
         "end_to_end": _end_to_end_table,
     }
