@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from densecl_vit.modeling.configuration_densecl_vit import PRESETS
+from densecl_vit.modeling.configuration_densecl_vit import PRESETS, parse_pretraining_loss
 
 PAPER_URL = "https://arxiv.org/abs/2205.15173"
 # Standard sample photos, used only as widget metadata and in snippets (never downloaded here).
@@ -174,6 +174,30 @@ def stock_section(model_class: str, repo_id: str, revision: str, fmt: str, stock
     return "\n\n".join(parts)
 
 
+LOSS_TERM_PHRASES = {
+    "local-global": f"the local-to-global contrastive loss of DenseCL-ViT ([Rabarisoa et al., 2022]({PAPER_URL}), "
+    "the [CLS] embedding of one view against every patch embedding of another view)",
+    "global": "the global InfoNCE loss of SimCLR (the [CLS] embeddings of two views)",
+    "local-local": "the dense local-to-local InfoNCE loss (each patch against the patch of the other view that "
+    "shows the same place)",
+}
+
+
+def pretraining_phrase(config: dict[str, Any]) -> str:
+    """How the encoder was pre-trained, from the `pretraining_loss` (and `cls_stop_gradient`) its config records."""
+    spec = config.get("pretraining_loss") or "local-global"
+    try:
+        terms = parse_pretraining_loss(spec)
+    except ValueError:
+        return f"pre-trained without labels by the loss `{spec}`"
+    parts = [
+        ("" if weight == 1 else f"{weight:g} × ") + LOSS_TERM_PHRASES[term]
+        + (" with a stop-gradient on the [CLS] side" if term == "local-global" and config.get("cls_stop_gradient") else "")
+        for weight, term in terms
+    ]  # fmt: skip
+    return f"pre-trained without labels (`pretraining_loss: {spec}`) by " + " plus ".join(parts)
+
+
 def describe(
     model_class: str,
     config: dict[str, Any],
@@ -184,11 +208,7 @@ def describe(
     """Title, one-paragraph summary and description of a release."""
     arch = arch_name(config)
     head = HEAD_NAMES.get(head_of(model_class, config), head_of(model_class, config))
-    pretrain = (
-        f"pre-trained without labels by the local-to-global contrastive loss of DenseCL-ViT ([Rabarisoa et al., "
-        f"2022]({PAPER_URL})), which contrasts the [CLS] embedding of one view with every patch embedding of "
-        "another view"
-    )
+    pretrain = pretraining_phrase(config)
     on = f" on {dataset}" if dataset else ""
     if model_class == "DenseCLViTModel":
         title = f"DenseCL-ViT {arch} encoder"

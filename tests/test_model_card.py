@@ -281,3 +281,24 @@ def test_timm_snippet_names_the_published_file():
     assert (
         'hf_hub_download("my-org/densecl-vit-s-ade", "timm_model.safetensors", revision="v1.0")' in timm_block
     )
+
+
+@pytest.mark.parametrize(
+    "loss, stop_gradient, phrases",
+    [
+        ("local-global", False, ["`pretraining_loss: local-global`", "local-to-global contrastive loss"]),
+        (
+            "0.25*local-global+local-local",
+            True,
+            ["0.25 × the local-to-global", "stop-gradient on the [CLS] side", "plus the dense local-to-local"],
+        ),
+    ],
+)
+def test_card_says_which_loss_pre_trained_the_encoder(loss, stop_gradient, phrases):
+    config = DenseCLViTConfig.from_preset(
+        "vit-small", pretraining_loss=loss, cls_stop_gradient=stop_gradient
+    ).to_dict()
+    text = render_model_card(_inputs("encoder", config=config)).text
+    for phrase in phrases:
+        assert phrase in text
+    assert ("local-local" in text) == ("local-local" in loss)
