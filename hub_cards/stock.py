@@ -85,7 +85,9 @@ def unavailable_reason(model: PreTrainedModel) -> str | None:
                 "the dpt head has one"
             )
         if not increasing:
-            return f"Dinov2Backbone needs strictly increasing out_indices, this model uses {config.out_indices}"
+            return (
+                f"Dinov2Backbone needs strictly increasing out_indices, this model uses {config.out_indices}"
+            )
         if float(config.max_depth) != int(config.max_depth):
             return f"DepthAnythingConfig needs a whole-number max_depth, this model has {config.max_depth}"
         return ratio
@@ -205,7 +207,9 @@ def to_depth_anything(model: PreTrainedModel) -> DepthAnythingForDepthEstimation
     `Dinov2Backbone`, eval mode, float32."""
     reason = unavailable_reason(model)
     if reason:
-        raise ValueError(f"no stock transformers model for this depth model: {reason}; use --format remote-code.")
+        raise ValueError(
+            f"no stock transformers model for this depth model: {reason}; use --format remote-code."
+        )
     config = model.config
     backbone = _dinov2_config(config, out_indices=list(config.out_indices), reshape_hidden_states=False)
     depth_anything = DepthAnythingForDepthEstimation(
@@ -302,9 +306,12 @@ def timm_state_dict(encoder: DenseCLViTModel) -> dict[str, torch.Tensor]:
     }
 
 
-def stock_formats(model: PreTrainedModel, fmt: str, timm_file: str | None) -> StockFormats:
-    """What the card says about loading the release without custom code."""
-    reason = unavailable_reason(model)
+def stock_formats(
+    model: PreTrainedModel, fmt: str, timm_file: str | None, reason: str | None = None
+) -> StockFormats:
+    """What the card says about loading the release without custom code; `reason`: why there is no stock form,
+    when the release knows one beyond the model's own (`unavailable_reason`), such as its image processor."""
+    reason = reason or unavailable_reason(model)
     name = None if reason else STOCK_CLASSES[type(model).__name__][0]
     kwargs = timm_kwargs(model) if timm_file else None
     return StockFormats(
