@@ -286,6 +286,16 @@ def test_dinov2_conversion_is_exact_at_any_size(runs, size):
     torch.testing.assert_close(theirs.pooler_output, ours.pooler_output, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("size", [(32, 32), (40, 48), (24, 56)])
+def test_depth_anything_conversion_is_exact_at_any_size(runs, size):
+    depth_anything = stock.to_depth_anything(runs.dpt)
+    assert depth_anything.config.depth_estimation_type == "metric" and depth_anything.config.max_depth == 10
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        ours, theirs = runs.dpt(x).predicted_depth, depth_anything(x).predicted_depth
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("qkv_bias", [True, False])
 def test_upernet_conversion_matches_logits(qkv_bias):
     torch.manual_seed(0)
