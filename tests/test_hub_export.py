@@ -416,6 +416,15 @@ def test_conditional_stock_form_falls_back_to_remote_code_with_its_reason(tmp_pa
         build_release(tmp_path / "model", tmp_path / "stock", ReleaseOptions(fmt="stock"))
 
 
+def test_processor_without_a_fixed_size_falls_back_to_remote_code(tmp_path):
+    folder = tmp_path / "model"
+    DenseCLViTModel(tiny_config()).save_pretrained(folder)
+    DenseCLViTImageProcessor(size={"shortest_edge": 32}, size_divisor=8).save_pretrained(folder)
+    build_release(folder, tmp_path / "out", ReleaseOptions())
+    assert "auto_map" in _config(tmp_path / "out") and not (tmp_path / "out" / "stock").exists()
+    assert "stock image processors need a fixed size" in (tmp_path / "out" / "README.md").read_text()
+
+
 ROOT_TASKS = {"enc": "image-feature-extraction", "seg": "image-segmentation", "depth": "depth-estimation"}
 
 
