@@ -13,7 +13,12 @@
   to `hidden_size`, and it reads `hidden_states[i - 1]` for `out_indices` i in 0..L (sorted), so the last block can
   feed only the finest pyramid level (i = 0), never the coarsest one as ours does.
 
-The linear segmentation head and both depth heads have no stock transformers counterpart.
+- DPT depth model -> transformers `DepthAnythingForDepthEstimation` with `depth_estimation_type="metric"` over a
+  `Dinov2Backbone` (`out_indices` = our block numbers, `apply_layernorm=True`, unreshaped tokens); the DPT head was
+  built to be that model, so the names map one to one. `DepthAnythingConfig` types `max_depth` as an integer.
+
+The linear segmentation head and the paper's two depth heads (linear up-projection, UPerNet, both ending in the
+dilated sigmoid) have no stock transformers counterpart; the README's release table says so head by head.
 """
 
 from __future__ import annotations

@@ -161,7 +161,7 @@ def _depth_scenes() -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("depth_head", ["linear", "upernet", "dpt"])
 def test_a_short_fit_on_a_fixed_batch_lowers_the_loss(tiny, depth_head):
     # 64 -> 32 -> 16 channels: a last stage as wide as the UPerNet decoder, so both heads fit at a similar pace.
-    narrow_dpt = dict(dpt_fusion_hidden_size=16, dpt_head_hidden_size=8) if depth_head == "dpt" else {}
+    narrow_dpt = dict(dpt_fusion_hidden_size=8, dpt_head_hidden_size=8) if depth_head == "dpt" else {}
     model = _model(tiny, depth_head, depth_head_hidden_size=64, **narrow_dpt).train()
     images, depth = _depth_scenes()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
