@@ -395,7 +395,8 @@ def render_model_card(
         base_model=inputs.base_model,
         model_name=inputs.repo_id.split("/")[-1],
         eval_results=eval_results_metadata(report) if report else None,
-        widget=[{"src": task.widget, "example_title": "Sample photo"}],
+        # The widget runs only stock architectures from the repository root, never custom code.
+        widget=[{"src": task.widget, "example_title": "Sample photo"}] if inputs.fmt == "stock" else None,
     )
     variables = card_text(inputs, report)
     if inputs.training_config:

@@ -1,14 +1,18 @@
 """Build a Hub-ready release folder from a DenseCL-ViT model folder, and push it in one commit.
 
-The folder is exactly what the repository should hold:
+The folder is exactly what the repository should hold. The Hub's widget and inference service run only stock
+transformers architectures from the repository root, so the root holds the stock form wherever one is exact:
 
-- `--format remote-code` (default): `model.safetensors` (float32; sharded past `max_shard_size`, with its index),
+- `--format auto` (default): the stock form at the root when a stock transformers class expresses the model exactly
+  (encoder -> `Dinov2Model`, UPerNet segmenter -> `UperNetForSemanticSegmentation` over BEiT, DPT depth model ->
+  `DepthAnythingForDepthEstimation`; see `stock`), else the remote-code form; the card says why in one line.
+- `--format stock`: the stock form at the root (no Python files, no `auto_map`); refused when there is none.
+- `--format remote-code`: `model.safetensors` (float32; sharded past `max_shard_size`, with its index),
   `config.json` whose `auto_map` names `AutoConfig` and this model's one task class, the modeling files the model
-  imports, `preprocessor_config.json` (its `auto_map` names `AutoImageProcessor`), and, when a stock transformers
-  class expresses the model exactly, the same model as that class under `stock/`; encoders add
-  `timm_model.safetensors`.
-- `--format stock`: the stock transformers model at the root (no Python files, no `auto_map`).
+  imports, `preprocessor_config.json` (its `auto_map` names `AutoImageProcessor`), and, when a stock class expresses
+  the model exactly, the same model as that class under `stock/`.
 
+Encoders add `timm_model.safetensors` in every format.
 Both add `README.md` (the model card) and the run's artefacts found in the model folder or its parent run folder:
 the resolved training config (`config.yaml` / `training_config.yaml`), `eval_results.json` and example PNGs
 (`example*.png`). A pre-training folder is released as its encoder (`DenseCLViTModel`).
@@ -62,7 +66,7 @@ EXAMPLE_LEGENDS = {
 }
 TIMM_FILE = "timm_model.safetensors"
 STOCK_SUBFOLDER = "stock"
-FORMATS = ("remote-code", "stock")
+FORMATS = ("auto", "stock", "remote-code")
 MODEL_CLASSES = {
     cls.__name__: cls
     for cls in (
@@ -169,7 +173,7 @@ def save_stock(stock_model: PreTrainedModel, processor: Any, folder: Path, max_s
 
 @dataclass(frozen=True)
 class ReleaseOptions:
-    fmt: str = "remote-code"
+    fmt: str = "auto"  # one of FORMATS
     repo_id: str | None = None
     revision: str = "main"
     license: str = "apache-2.0"
@@ -189,6 +193,27 @@ def _check_options(options: ReleaseOptions) -> None:
         raise ValueError(
             f"max shard size {options.max_shard_size!r} is not a size such as 2GB or 500MB."
         ) from None
+
+
+def stock_form(model: PreTrainedModel, processor: Any) -> tuple[PreTrainedModel | None, str | None]:
+    """(the stock transformers model equal to `model`, None), or (None, why there is none): the model has no exact
+    stock class, or its processor has no stock equivalent."""
+    reason = stock.unavailable_reason(model)
+    if reason:
+        return None, reason
+    stock_model = stock.to_stock(model)
+    try:
+        stock.stock_image_processor(processor, stock_model)
+    except ValueError as error:
+        return None, str(error).split(";")[0]
+    return stock_model, None
+
+
+def resolved_format(fmt: str, stock_unavailable: str | None) -> str:
+    """The format at the repository root: `auto` is `stock` wherever a stock form is exact, else `remote-code`."""
+    if fmt == "auto":
+        return "remote-code" if stock_unavailable else "stock"
+    return fmt
 
 
 def _prepare_output(output: Path, model_dir: Path, overwrite: bool) -> None:
@@ -215,20 +240,18 @@ def build_release(
     artefacts = find_artefacts(model_dir)
     training_name = next((name for name in artefacts if name.endswith(".yaml")), None)
     training_config = load_training_config(artefacts[training_name]) if training_name else None
-    reason = stock.unavailable_reason(model)
+    stock_model, reason = stock_form(model, processor)
     if options.fmt == "stock" and reason:
         raise ValueError(
             f"no stock transformers model for {type(model).__name__}: {reason}; use remote-code."
         )
-    stock_model = None if reason else stock.to_stock(model)
-    if stock_model is not None:
-        stock.stock_image_processor(processor, stock_model)  # refuse unsupported processors before writing
+    fmt = resolved_format(options.fmt, reason)
     encoder = isinstance(model, DenseCLViTModel)
     timm_kwargs = stock.timm_kwargs(model) if encoder else None
     photo = None if encoder else _example_photo(options.example_image)
 
     _prepare_output(output, model_dir, options.overwrite)
-    if options.fmt == "stock":
+    if fmt == "stock":
         save_stock(stock_model, processor, output, options.max_shard_size)
     else:
         save_remote_code(model, processor, output, options.max_shard_size)
@@ -249,8 +272,8 @@ def build_release(
         repo_id=options.repo_id or f"<your-org>/{output.resolve().name}",
         revision=options.revision,
         license=options.license,
-        fmt=options.fmt,
-        stock=stock.stock_formats(model, options.fmt, TIMM_FILE if timm_kwargs else None),
+        fmt=fmt,
+        stock=stock.stock_formats(model, fmt, TIMM_FILE if timm_kwargs else None, reason),
         training_config=training_config,
         training_config_file=training_name,
         base_model=None if encoder else options.base_model or base_hub,
@@ -365,4 +388,6 @@ __all__ = [
     "load_release_model",
     "push_folder",
     "remote_code_files",
+    "resolved_format",
+    "stock_form",
 ]

@@ -14,7 +14,7 @@ ADE_SAMPLE = (
     "https://huggingface.co/datasets/hf-internal-testing/fixtures_ade20k/resolve/main/ADE_val_00000001.jpg"
 )
 SIZE_NAMES = {"vit-tiny": "ViT-Ti/16", "vit-small": "ViT-S/16", "vit-base": "ViT-B/16"}
-HEAD_NAMES = {"linear": "linear", "upernet": "UPerNet"}
+HEAD_NAMES = {"linear": "linear", "upernet": "UPerNet", "dpt": "DPT"}
 
 
 @dataclass(frozen=True)
@@ -229,9 +229,9 @@ def describe(
         summary = (
             f"A {arch} encoder {pretrain}, fine-tuned for monocular depth estimation{on} with a {head} head."
         )
+        low = 0 if config.get("depth_head") == "dpt" else config.get("min_depth")
         outputs = (
-            f"`predicted_depth` (B, H, W) in metres, a sigmoid dilated to [{config.get('min_depth')}, "
-            f"{config.get('max_depth')}]."
+            f"`predicted_depth` (B, H, W) in metres, a sigmoid dilated to [{low}, {config.get('max_depth')}]."
         )
     facts = [
         f"- Architecture: pre-norm ViT, {config['hidden_size']}-d tokens, {config['num_hidden_layers']} blocks, "

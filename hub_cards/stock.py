@@ -13,7 +13,12 @@
   to `hidden_size`, and it reads `hidden_states[i - 1]` for `out_indices` i in 0..L (sorted), so the last block can
   feed only the finest pyramid level (i = 0), never the coarsest one as ours does.
 
-The linear segmentation head and both depth heads have no stock transformers counterpart.
+- DPT depth model -> transformers `DepthAnythingForDepthEstimation` with `depth_estimation_type="metric"` over a
+  `Dinov2Backbone` (`out_indices` = our block numbers, `apply_layernorm=True`, unreshaped tokens); the DPT head was
+  built to be that model, so the names map one to one. `DepthAnythingConfig` types `max_depth` as an integer.
+
+The linear segmentation head and the paper's two depth heads (linear up-projection, UPerNet, both ending in the
+dilated sigmoid) have no stock transformers counterpart; the README's release table says so head by head.
 """
 
 from __future__ import annotations
@@ -24,8 +29,11 @@ from typing import Any
 import torch
 from transformers import (
     BeitConfig,
+    DepthAnythingConfig,
+    DepthAnythingForDepthEstimation,
     Dinov2Config,
     Dinov2Model,
+    DPTImageProcessor,
     PreTrainedModel,
     SegformerImageProcessor,
     UperNetConfig,
@@ -63,51 +71,70 @@ def unavailable_reason(model: PreTrainedModel) -> str | None:
     """Why no stock transformers class expresses `model` exactly, or None when one does."""
     config = model.config
     name = type(model).__name__
+    ratio = None
+    if float(config.mlp_ratio) != int(config.mlp_ratio):
+        ratio = f"Dinov2Model needs an integer MLP ratio, this model has {config.mlp_ratio}"
+    increasing = list(config.out_indices) == sorted(set(config.out_indices))
     if name == "DenseCLViTModel":
-        if float(config.mlp_ratio) != int(config.mlp_ratio):
-            return f"Dinov2Model needs an integer MLP ratio, this model has {config.mlp_ratio}"
-        return None
+        return ratio
     if name == "DenseCLViTForSemanticSegmentation":
         if config.decode_head != "upernet":
             return "transformers has no per-patch linear segmentation head on a ViT"
-        if list(config.out_indices) != sorted(set(config.out_indices)):
+        if not increasing:
             return f"BeitBackbone needs strictly increasing out_indices, this model uses {config.out_indices}"
         return None
     if name == "DenseCLViTForDepthEstimation":
-        return (
-            f"transformers has no ViT depth model with a {config.depth_head} head and a sigmoid depth range"
-        )
+        if config.depth_head != "dpt":
+            return (
+                f"transformers has no ViT depth model with a {config.depth_head} head and a dilated sigmoid range; "
+                "the dpt head has one"
+            )
+        if not increasing:
+            return (
+                f"Dinov2Backbone needs strictly increasing out_indices, this model uses {config.out_indices}"
+            )
+        if float(config.max_depth) != int(config.max_depth):
+            return f"DepthAnythingConfig needs a whole-number max_depth, this model has {config.max_depth}"
+        return ratio
     return f"{name} is not released"
+
+
+def _dinov2_config(config: Any, **backbone: Any) -> Dinov2Config:
+    """The `Dinov2Config` of our encoder (layer scales of ones, no mask token), plus backbone options."""
+    return Dinov2Config(
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        mlp_ratio=int(config.mlp_ratio),
+        hidden_act=config.hidden_act,
+        layer_norm_eps=config.layer_norm_eps,
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        num_channels=config.num_channels,
+        qkv_bias=config.qkv_bias,
+        layerscale_value=1.0,
+        use_mask_token=False,
+        initializer_range=config.initializer_range,
+        **backbone,
+    )
+
+
+def _dinov2_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """The encoder's weights under `Dinov2Model` names, with layer scales of ones."""
+    state_dict = {}
+    for key, value in densecl_to_hf_vit(_encoder_state_dict(model)).items():
+        key = re.sub(r"^layers\.(\d+)\.", r"encoder.layer.\1.", key)
+        state_dict[key.replace("layernorm_before", "norm1").replace("layernorm_after", "norm2")] = value
+    for i in range(model.config.num_hidden_layers):
+        for scale in ("layer_scale1", "layer_scale2"):
+            state_dict[f"encoder.layer.{i}.{scale}.lambda1"] = torch.ones(model.config.hidden_size)
+    return state_dict
 
 
 def to_dinov2(encoder: DenseCLViTModel) -> Dinov2Model:
     """The encoder as transformers' `Dinov2Model` (layer scales of ones), eval mode, float32."""
-    config = encoder.config
-    dinov2 = Dinov2Model(
-        Dinov2Config(
-            hidden_size=config.hidden_size,
-            num_hidden_layers=config.num_hidden_layers,
-            num_attention_heads=config.num_attention_heads,
-            mlp_ratio=int(config.mlp_ratio),
-            hidden_act=config.hidden_act,
-            layer_norm_eps=config.layer_norm_eps,
-            image_size=config.image_size,
-            patch_size=config.patch_size,
-            num_channels=config.num_channels,
-            qkv_bias=config.qkv_bias,
-            layerscale_value=1.0,
-            use_mask_token=False,
-            initializer_range=config.initializer_range,
-        )
-    )
-    state_dict = {}
-    for key, value in densecl_to_hf_vit(_encoder_state_dict(encoder)).items():
-        key = re.sub(r"^layers\.(\d+)\.", r"encoder.layer.\1.", key)
-        state_dict[key.replace("layernorm_before", "norm1").replace("layernorm_after", "norm2")] = value
-    for i in range(config.num_hidden_layers):
-        for scale in ("layer_scale1", "layer_scale2"):
-            state_dict[f"encoder.layer.{i}.{scale}.lambda1"] = torch.ones(config.hidden_size)
-    dinov2.load_state_dict(state_dict, strict=True)
+    dinov2 = Dinov2Model(_dinov2_config(encoder.config))
+    dinov2.load_state_dict(_dinov2_state_dict(encoder), strict=True)
     return dinov2.float().eval()
 
 
@@ -171,16 +198,67 @@ def to_upernet(model: PreTrainedModel) -> UperNetForSemanticSegmentation:
     return upernet.float().eval()
 
 
+# Our DPT names -> transformers DepthAnythingForDepthEstimation names (the encoder is mapped as Dinov2's).
+DEPTH_ANYTHING_NAMES = [
+    (r"^decode_head\.reassemble\.", "neck.reassemble_stage.layers."),
+    (r"^decode_head\.convs\.", "neck.convs."),
+    (r"^decode_head\.fusion\.", "neck.fusion_stage.layers."),
+    (r"^regressor\.", "head."),
+]
+
+
+def to_depth_anything(model: PreTrainedModel) -> DepthAnythingForDepthEstimation:
+    """A DPT `DenseCLViTForDepthEstimation` as transformers' `DepthAnythingForDepthEstimation` (metric) over a
+    `Dinov2Backbone`, eval mode, float32."""
+    reason = unavailable_reason(model)
+    if reason:
+        raise ValueError(
+            f"no stock transformers model for this depth model: {reason}; use --format remote-code."
+        )
+    config = model.config
+    backbone = _dinov2_config(config, out_indices=list(config.out_indices), reshape_hidden_states=False)
+    depth_anything = DepthAnythingForDepthEstimation(
+        DepthAnythingConfig(
+            backbone_config=backbone,
+            patch_size=config.patch_size,
+            reassemble_hidden_size=config.hidden_size,
+            reassemble_factors=[4, 2, 1, 0.5],
+            neck_hidden_sizes=list(config.dpt_neck_hidden_sizes),
+            fusion_hidden_size=config.dpt_fusion_hidden_size,
+            head_hidden_size=config.dpt_head_hidden_size,
+            depth_estimation_type="metric",
+            max_depth=int(config.max_depth),
+        )
+    )
+    state_dict = {f"backbone.{key}": value for key, value in _dinov2_state_dict(model).items()}
+    for key, value in model.state_dict().items():
+        if key.startswith("densecl_vit."):
+            continue
+        for pattern, replacement in DEPTH_ANYTHING_NAMES:
+            key = re.sub(pattern, replacement, key)
+        state_dict[key] = value
+    depth_anything.load_state_dict(state_dict, strict=True)
+    return depth_anything.float().eval()
+
+
+STOCK_CLASSES = {
+    "DenseCLViTModel": ("Dinov2Model", to_dinov2),
+    "DenseCLViTForSemanticSegmentation": ("UperNetForSemanticSegmentation", to_upernet),
+    "DenseCLViTForDepthEstimation": ("DepthAnythingForDepthEstimation", to_depth_anything),
+}
+
+
 def to_stock(model: PreTrainedModel) -> PreTrainedModel:
     """The stock transformers model equal to `model`; ValueError naming the reason when there is none."""
     reason = unavailable_reason(model)
     if reason:
         raise ValueError(f"no stock transformers model for {type(model).__name__}: {reason}.")
-    return to_dinov2(model) if isinstance(model, DenseCLViTModel) else to_upernet(model)
+    return STOCK_CLASSES[type(model).__name__][1](model)
 
 
 def stock_image_processor(processor: DenseCLViTImageProcessor, stock_model: PreTrainedModel):
-    """A stock processor doing what ours does: `ViTImageProcessor` (encoders) or `SegformerImageProcessor`.
+    """A stock processor doing what ours does: `ViTImageProcessor` (encoders), `SegformerImageProcessor`
+    (segmenters) or `DPTImageProcessor` (depth; its post-processing resizes bicubically where ours is bilinear).
 
     Load it with `backend="pil"` for the same PIL resizing as ours; the default torchvision backend resizes a little
     differently. Our `shortest_edge` sizing (rounded to the patch size) has no stock equivalent.
@@ -203,6 +281,8 @@ def stock_image_processor(processor: DenseCLViTImageProcessor, stock_model: PreT
     )
     if isinstance(stock_model, UperNetForSemanticSegmentation):
         return SegformerImageProcessor(do_reduce_labels=False, **kwargs)
+    if isinstance(stock_model, DepthAnythingForDepthEstimation):
+        return DPTImageProcessor(keep_aspect_ratio=False, ensure_multiple_of=1, do_pad=False, **kwargs)
     return ViTImageProcessor(**kwargs)
 
 
@@ -231,14 +311,13 @@ def timm_state_dict(encoder: DenseCLViTModel) -> dict[str, torch.Tensor]:
     }
 
 
-def stock_formats(model: PreTrainedModel, fmt: str, timm_file: str | None) -> StockFormats:
-    """What the card says about loading the release without custom code."""
-    reason = unavailable_reason(model)
-    name = (
-        None
-        if reason
-        else ("Dinov2Model" if isinstance(model, DenseCLViTModel) else "UperNetForSemanticSegmentation")
-    )
+def stock_formats(
+    model: PreTrainedModel, fmt: str, timm_file: str | None, reason: str | None = None
+) -> StockFormats:
+    """What the card says about loading the release without custom code; `reason`: why there is no stock form,
+    when the release knows one beyond the model's own (`unavailable_reason`), such as its image processor."""
+    reason = reason or unavailable_reason(model)
+    name = None if reason else STOCK_CLASSES[type(model).__name__][0]
     kwargs = timm_kwargs(model) if timm_file else None
     return StockFormats(
         transformers_class=name,
@@ -254,6 +333,7 @@ __all__ = [
     "stock_image_processor",
     "timm_kwargs",
     "timm_state_dict",
+    "to_depth_anything",
     "to_dinov2",
     "to_stock",
     "to_upernet",

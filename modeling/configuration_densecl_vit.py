@@ -98,9 +98,18 @@ class DenseCLViTConfig(PretrainedConfig):
         semantic_loss_ignore_index (`int`, *optional*, defaults to 255):
             Label value ignored by the segmentation loss.
         depth_head (`str`, *optional*, defaults to `"linear"`):
-            Depth head: `"linear"` (four up-projection stages) or `"upernet"`.
+            Depth head: `"linear"` (four up-projection stages), `"upernet"`, or `"dpt"` (the DPT neck and metric head
+            of Depth Anything on the blocks `out_indices`, numerically transformers' `DepthAnythingForDepthEstimation`
+            with `depth_estimation_type="metric"`; its output is `max_depth * sigmoid(x)`, in (0, max_depth)).
         depth_head_hidden_size (`int`, *optional*, defaults to 256):
             Channels after the first up-projection stage of the linear depth head (halved at each stage).
+        dpt_neck_hidden_sizes (`list[int]`, *optional*):
+            Channels of the four reassembled levels of the DPT head; defaults to `[D/8, D/4, D/2, D]` for hidden size
+            D, the ratios of Depth Anything.
+        dpt_fusion_hidden_size (`int`, *optional*, defaults to 64):
+            Channels of the DPT fusion stage.
+        dpt_head_hidden_size (`int`, *optional*, defaults to 32):
+            Channels of the DPT head's last hidden convolution.
         min_depth (`float`, *optional*, defaults to 1e-3):
             Lower end of the predicted depth range, in metres.
         max_depth (`float`, *optional*, defaults to 10.0):
@@ -145,6 +154,9 @@ class DenseCLViTConfig(PretrainedConfig):
         semantic_loss_ignore_index: int = 255,
         depth_head: str = "linear",
         depth_head_hidden_size: int = 256,
+        dpt_neck_hidden_sizes: list[int] | None = None,
+        dpt_fusion_hidden_size: int = 64,
+        dpt_head_hidden_size: int = 32,
         min_depth: float = 1e-3,
         max_depth: float = 10.0,
         berhu_threshold: float = 0.2,
@@ -184,6 +196,13 @@ class DenseCLViTConfig(PretrainedConfig):
         self.semantic_loss_ignore_index = semantic_loss_ignore_index
         self.depth_head = depth_head
         self.depth_head_hidden_size = depth_head_hidden_size
+        self.dpt_neck_hidden_sizes = (
+            list(dpt_neck_hidden_sizes)
+            if dpt_neck_hidden_sizes is not None
+            else [max(1, hidden_size // 2**i) for i in (3, 2, 1, 0)]
+        )
+        self.dpt_fusion_hidden_size = dpt_fusion_hidden_size
+        self.dpt_head_hidden_size = dpt_head_hidden_size
         self.min_depth = min_depth
         self.max_depth = max_depth
         self.berhu_threshold = berhu_threshold
@@ -215,8 +234,17 @@ class DenseCLViTConfig(PretrainedConfig):
         parse_pretraining_loss(self.pretraining_loss)
         if self.decode_head not in ("linear", "upernet"):
             raise ValueError(f"decode_head must be 'linear' or 'upernet', got {self.decode_head!r}.")
-        if self.depth_head not in ("linear", "upernet"):
-            raise ValueError(f"depth_head must be 'linear' or 'upernet', got {self.depth_head!r}.")
+        if self.depth_head not in ("linear", "upernet", "dpt"):
+            raise ValueError(f"depth_head must be 'linear', 'upernet' or 'dpt', got {self.depth_head!r}.")
+        if len(self.dpt_neck_hidden_sizes) != 4 or min(self.dpt_neck_hidden_sizes) < 1:
+            raise ValueError(
+                f"dpt_neck_hidden_sizes must be 4 positive channel counts, got {self.dpt_neck_hidden_sizes}."
+            )
+        if self.dpt_fusion_hidden_size < 2 or self.dpt_head_hidden_size < 1:
+            raise ValueError(
+                f"dpt_fusion_hidden_size must be >= 2 and dpt_head_hidden_size >= 1, got "
+                f"{self.dpt_fusion_hidden_size} and {self.dpt_head_hidden_size}."
+            )
         if self.loss_temperature <= 0:
             raise ValueError(f"loss_temperature must be positive, got {self.loss_temperature}.")
         if not 0 < self.min_depth < self.max_depth:

@@ -714,6 +714,119 @@ class DenseCLViTUpProjectionDecoder(nn.Module):
         return features
 
 
+class DenseCLViTDPTReassembleLayer(nn.Module):
+    """One level of DPT's reassemble stage: a 1x1 projection to `channels`, then a rescale by `factor`
+    (transposed convolution up, identity, or a strided 3x3 convolution down)."""
+
+    def __init__(self, config: DenseCLViTConfig, channels: int, factor: float):
+        super().__init__()
+        self.projection = nn.Conv2d(config.hidden_size, channels, kernel_size=1)
+        if factor > 1:
+            self.resize = nn.ConvTranspose2d(channels, channels, kernel_size=int(factor), stride=int(factor))
+        elif factor == 1:
+            self.resize = nn.Identity()
+        else:
+            self.resize = nn.Conv2d(channels, channels, kernel_size=3, stride=int(1 / factor), padding=1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.resize(self.projection(features))
+
+
+class DenseCLViTDPTResidualUnit(nn.Module):
+    """DPT's pre-activation residual unit: x + conv(relu(conv(relu(x)))), 3x3 convolutions with bias."""
+
+    def __init__(self, config: DenseCLViTConfig):
+        super().__init__()
+        channels = config.dpt_fusion_hidden_size
+        self.activation1 = nn.ReLU()
+        self.convolution1 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        self.activation2 = nn.ReLU()
+        self.convolution2 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features + self.convolution2(self.activation2(self.convolution1(self.activation1(features))))
+
+
+class DenseCLViTDPTFusionLayer(nn.Module):
+    """One DPT fusion step: add the refined finer level to the coarser result, refine, upsample (to `size`, else
+    x2, bilinear with aligned corners as DPT does) and project 1x1."""
+
+    def __init__(self, config: DenseCLViTConfig):
+        super().__init__()
+        channels = config.dpt_fusion_hidden_size
+        self.projection = nn.Conv2d(channels, channels, kernel_size=1)
+        self.residual_layer1 = DenseCLViTDPTResidualUnit(config)
+        self.residual_layer2 = DenseCLViTDPTResidualUnit(config)
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        level: torch.Tensor | None = None,
+        size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        if level is not None:
+            if level.shape != features.shape:
+                level = nn.functional.interpolate(
+                    level, size=features.shape[-2:], mode="bilinear", align_corners=False
+                )
+            features = features + self.residual_layer1(level)
+        features = self.residual_layer2(features)
+        resize = {"scale_factor": 2} if size is None else {"size": size}
+        features = nn.functional.interpolate(features, **resize, mode="bilinear", align_corners=True)
+        return self.projection(features)
+
+
+class DenseCLViTDPTNeck(nn.Module):
+    """DPT's neck (Ranftl et al., 2021) as Depth Anything builds it on a ViT.
+
+    Four token maps (B, D, h, w) are reassembled to strides p/4, p/2, p, 2p with `config.dpt_neck_hidden_sizes`
+    channels, brought to `config.dpt_fusion_hidden_size` channels by 3x3 convolutions, and fused coarse to fine;
+    the result is (B, F, 8h, 8w).
+    """
+
+    factors = (4, 2, 1, 0.5)
+
+    def __init__(self, config: DenseCLViTConfig):
+        super().__init__()
+        sizes, fusion = config.dpt_neck_hidden_sizes, config.dpt_fusion_hidden_size
+        self.out_indices = list(config.out_indices)
+        self.reassemble = nn.ModuleList(
+            DenseCLViTDPTReassembleLayer(config, channels, factor)
+            for channels, factor in zip(sizes, self.factors, strict=True)
+        )
+        self.convs = nn.ModuleList(
+            nn.Conv2d(channels, fusion, kernel_size=3, padding=1, bias=False) for channels in sizes
+        )
+        self.fusion = nn.ModuleList(DenseCLViTDPTFusionLayer(config) for _ in sizes)
+
+    def forward(self, feature_maps: list[torch.Tensor]) -> torch.Tensor:
+        levels = [conv(layer(maps)) for conv, layer, maps in zip(self.convs, self.reassemble, feature_maps)]
+        levels = levels[::-1]  # coarsest first
+        fused = None
+        for i, (level, layer) in enumerate(zip(levels, self.fusion)):
+            size = tuple(levels[i + 1].shape[-2:]) if i + 1 < len(levels) else None
+            fused = layer(level, size=size) if fused is None else layer(fused, level, size=size)
+        return fused
+
+
+class DenseCLViTDPTHead(nn.Module):
+    """Depth Anything's head: 3x3 conv to F/2, bilinear upsampling to the input size, 3x3 conv to
+    `config.dpt_head_hidden_size`, ReLU, 1x1 conv to one channel. (B, F, 8h, 8w) -> (B, 1, H, W), before the
+    output activation."""
+
+    def __init__(self, config: DenseCLViTConfig):
+        super().__init__()
+        channels = config.dpt_fusion_hidden_size
+        self.conv1 = nn.Conv2d(channels, channels // 2, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(channels // 2, config.dpt_head_hidden_size, kernel_size=3, padding=1)
+        self.activation = nn.ReLU()
+        self.conv3 = nn.Conv2d(config.dpt_head_hidden_size, 1, kernel_size=1)
+
+    def forward(self, features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        features = nn.functional.interpolate(self.conv1(features), size, mode="bilinear", align_corners=True)
+        return self.conv3(self.activation(self.conv2(features)))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Semantic segmentation
 # ---------------------------------------------------------------------------------------------------------------------
@@ -824,22 +937,51 @@ class DenseCLViTForDepthEstimation(DenseCLViTPreTrainedModel):
 
     - `"linear"`: `DenseCLViTUpProjectionDecoder` on the final patch tokens, back to input resolution.
     - `"upernet"`: `DenseCLViTUperNetDecoder` (same as segmentation), upsampled to input resolution.
+    - `"dpt"`: `DenseCLViTDPTNeck` + `DenseCLViTDPTHead` on the blocks `config.out_indices` after the final
+      LayerNorm: numerically transformers' `DepthAnythingForDepthEstimation` (metric) over a `Dinov2Backbone`, so
+      it is released as that stock class.
 
     A 1x1 convolution gives one channel x; the output is a sigmoid dilated to the dataset's depth range,
-    depth = min_depth + (max_depth - min_depth) * sigmoid(x), so every prediction lies inside the range.
+    depth = min_depth + (max_depth - min_depth) * sigmoid(x), so every prediction lies inside the range. The DPT
+    head keeps Depth Anything's metric output, depth = max_depth * sigmoid(x): the same dilated sigmoid with its
+    lower end at 0 instead of min_depth, so predictions lie in (0, max_depth); min_depth then only marks
+    ground-truth pixels as invalid (loss and metrics), and evaluation clips predictions to [min_depth, max_depth].
     """
 
     def __init__(self, config: DenseCLViTConfig):
         super().__init__(config)
         self.densecl_vit = DenseCLViTModel(config)
-        if config.depth_head == "upernet":
+        if config.depth_head == "dpt":
+            self.decode_head = DenseCLViTDPTNeck(config)
+            self.regressor = DenseCLViTDPTHead(config)
+        elif config.depth_head == "upernet":
             self.decode_head = DenseCLViTUperNetDecoder(config)
-            head_channels = config.decoder_hidden_size
+            self.regressor = nn.Conv2d(config.decoder_hidden_size, 1, kernel_size=1)
         else:
             self.decode_head = DenseCLViTUpProjectionDecoder(config)
-            head_channels = self.decode_head.out_channels
-        self.regressor = nn.Conv2d(head_channels, 1, kernel_size=1)
+            self.regressor = nn.Conv2d(self.decode_head.out_channels, 1, kernel_size=1)
         self.post_init()
+
+    def depth_from_features(
+        self, outputs: BaseModelOutputWithPooling, grid_size: tuple[int, int], size: tuple[int, int]
+    ) -> torch.Tensor:
+        """Encoder outputs -> (B, H, W) depth in metres at the input size `size`."""
+        if self.config.depth_head == "dpt":
+            # Dinov2Backbone's feature maps: the chosen blocks after the final LayerNorm, as (B, D, h, w) grids.
+            feature_maps = [
+                patch_tokens_to_map(self.densecl_vit.layernorm(outputs.hidden_states[index]), grid_size)
+                for index in self.decode_head.out_indices
+            ]
+            logits = self.regressor(self.decode_head(feature_maps), size).squeeze(1)
+            return self.config.max_depth * torch.sigmoid(logits)
+        if self.config.depth_head == "upernet":
+            features = self.decode_head(outputs.hidden_states, grid_size)
+        else:
+            features = self.decode_head(patch_tokens_to_map(outputs.last_hidden_state, grid_size))
+        # Resize before the sigmoid so that interpolation cannot leave the depth range: (B, 1, H, W) -> (B, H, W).
+        logits = resize_to(self.regressor(features), size).squeeze(1)
+        depth_range = self.config.max_depth - self.config.min_depth
+        return self.config.min_depth + depth_range * torch.sigmoid(logits)
 
     def depth_loss(self, predicted_depth: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """berHu + gradient_loss_weight * L2 gradient loss over the pixels whose (B, H, W) ground truth is finite
@@ -874,22 +1016,13 @@ class DenseCLViTForDepthEstimation(DenseCLViTPreTrainedModel):
             raise ValueError(
                 f"labels must be (batch, height, width) = {(pixel_values.shape[0], *size)}, got {tuple(labels.shape)}."
             )
-        upernet = self.config.depth_head == "upernet"
         outputs = self.densecl_vit(
             pixel_values,
-            output_hidden_states=output_hidden_states or upernet,
+            output_hidden_states=output_hidden_states or self.config.depth_head != "linear",
             output_attentions=output_attentions,
             return_dict=True,
         )
-        grid_size = self.densecl_vit.patch_grid(pixel_values)
-        if upernet:
-            features = self.decode_head(outputs.hidden_states, grid_size)
-        else:
-            features = self.decode_head(patch_tokens_to_map(outputs.last_hidden_state, grid_size))
-        # Resize before the sigmoid so that interpolation cannot leave the depth range: (B, 1, H, W) -> (B, H, W).
-        logits = resize_to(self.regressor(features), size).squeeze(1)
-        depth_range = self.config.max_depth - self.config.min_depth
-        predicted_depth = self.config.min_depth + depth_range * torch.sigmoid(logits)
+        predicted_depth = self.depth_from_features(outputs, self.densecl_vit.patch_grid(pixel_values), size)
 
         loss = self.depth_loss(predicted_depth, labels) if labels is not None else None
         output = DepthEstimatorOutput(

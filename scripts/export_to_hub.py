@@ -3,10 +3,12 @@
     python scripts/export_to_hub.py --model outputs/seg-upernet-s/final --output release/seg-s
     python scripts/export_to_hub.py --model outputs/pretrain-s --output release/vit-s \\
         --push --repo-id my-org/densecl-vit-small --revision v1.0 --dry-run
-    python scripts/export_to_hub.py --model outputs/seg-upernet-s/final --output release/seg-s-stock --format stock
+    python scripts/export_to_hub.py --model outputs/seg-linear-s/final --output release/seg-s-code --format remote-code
 
-The folder is exactly what the repository will hold (weights, config, processor, remote code or a stock
-transformers model, the model card and the run's published artefacts); see `densecl_vit.hub_cards.export`.
+The folder is exactly what the repository will hold (weights, config, processor, the model card and the run's
+published artefacts); see `densecl_vit.hub_cards.export`. `--format auto` (default) puts the stock transformers
+model at the root wherever one is exact (encoder, UPerNet segmenter, DPT depth model), so the Hub widget runs it,
+and remote code otherwise; `--format stock` or `--format remote-code` forces one.
 A segmentation or depth release also holds the model's prediction on a photograph, drawn as scripts/predict.py
 draws it, and its card shows it: by default on the photograph shipped with the package (NASA's public-domain
 portrait of the astronaut Eileen Collins), with `--example-image PATH` on another, with `--no-example` none.
@@ -33,7 +35,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--output", required=True, type=Path, help="release folder to write")
     parser.add_argument(
-        "--format", default="remote-code", choices=FORMATS, help="custom code or stock classes"
+        "--format",
+        default="auto",
+        choices=FORMATS,
+        help="what the repository root holds: stock transformers classes where exact (auto), or force one",
     )
     parser.add_argument(
         "--max-shard-size", default="2GB", help="largest weight file before sharding (e.g. 2GB)"

@@ -1,4 +1,4 @@
-"""DenseCLViTForDepthEstimation: both heads, the dilated sigmoid, the masked berHu + gradient loss, a short fit."""
+"""DenseCLViTForDepthEstimation: the three heads, the dilated sigmoid, the masked berHu + gradient loss, a short fit."""
 
 import numpy as np
 import pytest
@@ -55,6 +55,35 @@ def test_output_is_the_dilated_sigmoid_of_the_regressor(tiny, depth_head):
     logits = F.interpolate(regressor_outputs[0], size=(32, 48), mode="bilinear", align_corners=False)[:, 0]
     expected = MIN_DEPTH + (MAX_DEPTH - MIN_DEPTH) / (1 + torch.exp(-logits))
     torch.testing.assert_close(depth, expected)
+
+
+@pytest.mark.parametrize(
+    "size", [(32, 48), (40, 56)]
+)  # grids 4x6 and 5x7 (odd: DPT's stride-2 level rounds up)
+def test_dpt_output_is_max_depth_times_the_sigmoid_of_its_head(tiny, size):
+    """Depth Anything's metric output: the dilated sigmoid with its lower end at 0, at the input resolution."""
+    model = _model(tiny, "dpt", dpt_fusion_hidden_size=16, dpt_head_hidden_size=8).eval()
+    head_outputs = []
+    model.regressor.register_forward_hook(lambda module, args, output: head_outputs.append(output))
+    with torch.no_grad():
+        depth = model(torch.randn(2, 3, *size)).predicted_depth
+    assert depth.shape == (2, *size) and head_outputs[0].shape == (2, 1, *size)
+    torch.testing.assert_close(depth, MAX_DEPTH * torch.sigmoid(head_outputs[0][:, 0]))
+    assert (depth > 0).all() and (depth < MAX_DEPTH).all()
+
+
+def test_dpt_reads_the_chosen_blocks_after_the_final_layernorm(tiny):
+    model = _model(tiny, "dpt", num_hidden_layers=4, out_indices=[1, 2, 3, 4]).eval()
+    seen = []
+    model.decode_head.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    x = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        model(x)
+        hidden = model.densecl_vit(x, output_hidden_states=True).hidden_states
+    assert [tuple(m.shape) for m in seen[0]] == [(1, 32, 4, 6)] * 4
+    for index, features in zip([1, 2, 3, 4], seen[0]):
+        tokens = model.densecl_vit.layernorm(hidden[index])[:, 1:]  # (1, 24, 32), row-major over the grid
+        torch.testing.assert_close(features.flatten(2).transpose(1, 2), tokens)
 
 
 def _labels_with_invalid_pixels(batch: int, height: int, width: int) -> torch.Tensor:
@@ -129,10 +158,11 @@ def _depth_scenes() -> tuple[torch.Tensor, torch.Tensor]:
     return images, depth
 
 
-@pytest.mark.parametrize("depth_head", ["linear", "upernet"])
+@pytest.mark.parametrize("depth_head", ["linear", "upernet", "dpt"])
 def test_a_short_fit_on_a_fixed_batch_lowers_the_loss(tiny, depth_head):
     # 64 -> 32 -> 16 channels: a last stage as wide as the UPerNet decoder, so both heads fit at a similar pace.
-    model = _model(tiny, depth_head, depth_head_hidden_size=64).train()
+    narrow_dpt = dict(dpt_fusion_hidden_size=8, dpt_head_hidden_size=8) if depth_head == "dpt" else {}
+    model = _model(tiny, depth_head, depth_head_hidden_size=64, **narrow_dpt).train()
     images, depth = _depth_scenes()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []

@@ -33,7 +33,9 @@ def folders(tmp_path_factory, tiny):
     seg = tiny(num_labels=3, id2label=names, label2id={v: k for k, v in names.items()}, decode_head="upernet")
     DenseCLViTForSemanticSegmentation(seg).save_pretrained(root / "seg")
     DenseCLViTForDepthEstimation(tiny(max_depth=8.0)).save_pretrained(root / "depth")
-    for name in ("seg", "depth"):
+    dpt = tiny(max_depth=8.0, depth_head="dpt", dpt_fusion_hidden_size=16, dpt_head_hidden_size=8)
+    DenseCLViTForDepthEstimation(dpt).save_pretrained(root / "dpt")
+    for name in ("seg", "depth", "dpt"):
         DenseCLViTImageProcessor(size={"height": 32, "width": 32}, size_divisor=8).save_pretrained(
             root / name
         )
@@ -41,6 +43,7 @@ def folders(tmp_path_factory, tiny):
         "root": root,
         "seg": root / "seg",
         "depth": root / "depth",
+        "dpt": root / "dpt",
         "encoder": save_encoder(root / "encoder"),
         "seg_data": write_segmentation_dataset(root / "seg_data", num_train=1, num_val=3, size=40),
         "depth_data": write_depth_dataset(root / "depth_data", num_train=1, num_val=3, png_millimetres=True),
@@ -72,11 +75,12 @@ def test_segmentation_folder_report_next_to_the_model(folders):
     assert direct["metrics"] == pytest.approx(report.metrics)
 
 
-def test_depth_folder_report_in_output_dir_from_16_bit_pngs(folders, tmp_path):
-    argv = ["--task", "depth", "--model", str(folders["depth"]), "--dataset", str(folders["depth_data"]),
+@pytest.mark.parametrize("head", ["depth", "dpt"])
+def test_depth_folder_report_in_output_dir_from_16_bit_pngs(folders, tmp_path, head):
+    argv = ["--task", "depth", "--model", str(folders[head]), "--dataset", str(folders["depth_data"]),
             "--depth-scale", "1e-3", "--num-workers", "0", "--output-dir", str(tmp_path), "--max-samples", "2"]  # fmt: skip
     assert cli_main(evaluate_model.main, EvaluateConfig, argv) == 0
-    assert not (folders["depth"] / "eval_results.json").exists()
+    assert not (folders[head] / "eval_results.json").exists()
     report = load_eval_results(tmp_path / "eval_results.json")
     assert (report.task, report.num_samples) == ("depth-estimation", 2)
     assert sorted(report.metrics) == sorted(depth.DEPTH_METRICS)

@@ -36,6 +36,7 @@ def files(tmp_path_factory):
         "data": write_depth_dataset(root / "data"),
         "png": write_depth_dataset(root / "png", num_train=2, num_val=2, png_millimetres=True),
         "encoder": save_encoder(root / "encoder"),
+        "encoder4": save_encoder(root / "encoder4", num_hidden_layers=4),  # out_indices 1-4: a stock DPT
     }
 
 
@@ -71,7 +72,7 @@ def test_validate_refuses_bad_options(files):
 
 
 @pytest.mark.parametrize("size", ["tiny", "small", "base"])
-@pytest.mark.parametrize("head", ["linear", "upernet"])
+@pytest.mark.parametrize("head", ["linear", "upernet", "dpt"])
 def test_table2_recipes_load_and_validate(size, head):
     cfg = load_config(FinetuneDepthConfig, RECIPES_DIR / f"finetune_depth_nyu_vit_{size}_{head}.yaml")
     cfg.validate()
@@ -163,6 +164,22 @@ def test_script_trains_and_reports_all_eight_metrics(files, tmp_path):
     config = json.loads((out / "final/config.json").read_text())
     assert config["architectures"] == ["DenseCLViTForDepthEstimation"] and config["depth_head"] == "upernet"
     assert json.loads((out / "results.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_dpt_head_fine_tunes_into_a_stock_depth_anything(files, tmp_path):
+    from densecl_vit.hub_cards.stock import to_depth_anything
+
+    out = tmp_path / "run"
+    argv = run_args(files, out, "--max-steps", "2", "--depth-head", "dpt", "--model", str(files["encoder4"]))
+    assert cli_main(main, FinetuneDepthConfig, argv) == 0
+    assert all(np.isfinite(v) for v in load_eval_results(out / "eval_results.json").metrics.values())
+    model = DenseCLViTForDepthEstimation.from_pretrained(out / "final").eval()
+    assert model.config.depth_head == "dpt" and model.config.out_indices == [1, 2, 3, 4]
+    released = to_depth_anything(model)
+    x = torch.randn(1, 3, 24, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(released(x).predicted_depth, model(x).predicted_depth, atol=1e-5, rtol=0)
 
 
 def test_without_eval_every_the_final_model_is_evaluated_and_logged_once(files, tmp_path):

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 import yaml
 from conftest import run_isolated, tiny_config
+from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -20,6 +22,7 @@ from densecl_vit.modeling import (
     DenseCLViTForPreTraining,
     DenseCLViTForSemanticSegmentation,
     DenseCLViTImageProcessor,
+    DenseCLViTModel,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,6 +35,12 @@ SEG_CONFIG = dict(
     auxiliary_hidden_size=8,
     id2label=LABELS,
     label2id={v: k for k, v in LABELS.items()},
+)
+DPT_CONFIG = dict(
+    num_hidden_layers=4,  # out_indices 1, 2, 3, 4: distinct, as Dinov2Backbone requires
+    depth_head="dpt",
+    dpt_fusion_hidden_size=16,
+    dpt_head_hidden_size=8,
 )
 TOKEN = "hf_DoNotLeakThisTokenAnywhere0123456789"
 
@@ -68,7 +77,8 @@ def _photo(name, path):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Three run folders (pre-training, UPerNet segmentation with its artefacts, depth) and their releases."""
+    """Run folders (pre-training, UPerNet segmentation with its artefacts, linear and DPT depth) and their releases:
+    the default format (the stock form at the root wherever one is exact) and the remote-code format."""
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("hub")
     images = [torch.randn(2, 3, 32, 32) for _ in range(2)]
@@ -80,13 +90,11 @@ def runs(tmp_path_factory):
         DenseCLViTForSemanticSegmentation(tiny_config(**SEG_CONFIG)),
         [{"pixel_values": x, "labels": torch.randint(0, 4, (2, 32, 32))} for x in images],
     )
-    depth = _trained(
-        DenseCLViTForDepthEstimation(tiny_config(depth_head_hidden_size=16)),
-        [{"pixel_values": x, "labels": torch.rand(2, 32, 32) * 4 + 0.5} for x in images],
-    )
-    _save(pretrain, root / "pretrain-run" / "model")
-    _save(seg, root / "seg-run" / "model")
-    _save(depth, root / "depth-run" / "model")
+    depth_batches = [{"pixel_values": x, "labels": torch.rand(2, 32, 32) * 4 + 0.5} for x in images]
+    depth = _trained(DenseCLViTForDepthEstimation(tiny_config(depth_head_hidden_size=16)), depth_batches)
+    dpt = _trained(DenseCLViTForDepthEstimation(tiny_config(**DPT_CONFIG)), depth_batches)
+    for name, model in (("pretrain", pretrain), ("seg", seg), ("depth", depth), ("dpt", dpt)):
+        _save(model, root / f"{name}-run" / "model")
     seg_run = root / "seg-run"
     (seg_run / "config.yaml").write_text(
         yaml.safe_dump(
@@ -103,13 +111,14 @@ def runs(tmp_path_factory):
     (seg_run / "eval_results.json").write_text(json.dumps(report))
     Image.new("RGB", (8, 8), "red").save(seg_run / "example_prediction.png")
     out = root / "releases"
+    code = ReleaseOptions(fmt="remote-code")
     releases = {
         "enc": build_release(root / "pretrain-run/model", out / "enc", ReleaseOptions(repo_id="my-org/enc")),
-        "enc-stock": build_release(
-            root / "pretrain-run/model", out / "enc-stock", ReleaseOptions(fmt="stock")
-        ),
+        "enc-code": build_release(root / "pretrain-run/model", out / "enc-code", code),
         "seg": build_release(root / "seg-run/model", out / "seg", ReleaseOptions(repo_id="my-org/seg")),
+        "seg-code": build_release(root / "seg-run/model", out / "seg-code", code),
         "depth": build_release(root / "depth-run/model", out / "depth", ReleaseOptions()),
+        "dpt": build_release(root / "dpt-run/model", out / "dpt", ReleaseOptions()),
     }
     return SimpleNamespace(
         root=root,
@@ -118,6 +127,7 @@ def runs(tmp_path_factory):
         encoder=pretrain.densecl_vit,
         seg=seg,
         depth=depth,
+        dpt=dpt,
         processor=DenseCLViTImageProcessor(size=SIZE, size_divisor=8),
         astronaut=_photo("astronaut", root / "astronaut.png"),
         coffee=_photo("coffee", root / "coffee.png"),
@@ -127,7 +137,9 @@ def runs(tmp_path_factory):
 FRESH = """
 import numpy as np, torch
 from PIL import Image
-from transformers import AutoImageProcessor, AutoModel, AutoModelForSemanticSegmentation, pipeline
+from transformers import (
+    AutoImageProcessor, AutoModel, AutoModelForDepthEstimation, AutoModelForSemanticSegmentation, pipeline
+)
 
 root = {root!r}
 out = {{}}
@@ -137,30 +149,43 @@ pixel_values = torch.load(root + "/pixel_values.pt")
 def segments(pipe):
     return [(s["label"], torch.from_numpy(np.array(s["mask"]))) for s in pipe(photo)]
 
-# Remote code
-enc = pipeline("image-feature-extraction", model=root + "/releases/enc", trust_remote_code=True)
+# Remote code: the remote-code format, and the linear depth head (no stock form: released as remote code)
+enc = pipeline("image-feature-extraction", model=root + "/releases/enc-code", trust_remote_code=True)
 out["enc_module"] = type(enc.model).__module__
 out["enc"] = torch.tensor(enc(photo))
-seg = pipeline("image-segmentation", model=root + "/releases/seg", trust_remote_code=True)
+seg = pipeline("image-segmentation", model=root + "/releases/seg-code", trust_remote_code=True)
 out["seg_segments"] = segments(seg)
 with torch.no_grad():
     out["seg_logits"] = seg.model(pixel_values).logits
 depth = pipeline("depth-estimation", model=root + "/releases/depth", trust_remote_code=True)
 out["depth"] = depth(coffee)["predicted_depth"]
 
-# Stock classes, without trust_remote_code
-for name, path, kwargs in [("enc_stock", "/releases/enc-stock", {{}}), ("enc_sub", "/releases/enc", {{"subfolder": "stock"}})]:
-    model = AutoModel.from_pretrained(root + path, **kwargs).eval()
-    processor = AutoImageProcessor.from_pretrained(root + path, backend="pil", **kwargs)
+# Stock classes, without trust_remote_code: plain Auto classes on both photographs at the saved (non-square) size
+# and a square one, then pipeline(...) with the PIL processor and with the default one (what the widget runs).
+STOCK = [
+    ("enc", "/releases/enc", AutoModel, "image-feature-extraction"),
+    ("enc_sub", "/releases/enc-code/stock", AutoModel, "image-feature-extraction"),
+    ("seg", "/releases/seg", AutoModelForSemanticSegmentation, "image-segmentation"),
+    ("dpt", "/releases/dpt", AutoModelForDepthEstimation, "depth-estimation"),
+]
+for name, path, auto_class, task in STOCK:
+    model = auto_class.from_pretrained(root + path).eval()
+    processor = AutoImageProcessor.from_pretrained(root + path, backend="pil")
     out[name + "_class"] = type(model).__name__
-    with torch.no_grad():
-        out[name] = model(**processor(Image.open(photo).convert("RGB"), return_tensors="pt")).last_hidden_state
-upernet = AutoModelForSemanticSegmentation.from_pretrained(root + "/releases/seg", subfolder="stock").eval()
-processor = AutoImageProcessor.from_pretrained(root + "/releases/seg", subfolder="stock", backend="pil")
-out["upernet_class"] = type(upernet).__name__
-with torch.no_grad():
-    out["upernet_logits"] = upernet(pixel_values).logits
-out["upernet_segments"] = segments(pipeline("image-segmentation", model=upernet, image_processor=processor))
+    for image in (photo, coffee):
+        for size in (None, {{"height": 32, "width": 32}}):
+            inputs = processor(Image.open(image).convert("RGB"), return_tensors="pt", **({{"size": size}} if size else {{}}))
+            with torch.no_grad():
+                out[name, image, str(size)] = model(**inputs)[0]
+    pipes = {{"pil": pipeline(task, model=root + path, image_processor=processor), "default": pipeline(task, model=root + path)}}
+    for backend, pipe in pipes.items():
+        if task == "image-segmentation":
+            out[name, backend] = segments(pipe)
+        elif task == "depth-estimation":
+            out[name, backend] = pipe(coffee)["predicted_depth"]
+        else:
+            out[name, backend] = torch.tensor(pipe(photo))
+        out[name, backend, "model"] = type(pipe.model).__name__
 torch.save(out, root + "/fresh.pt")
 """
 
@@ -209,22 +234,46 @@ def test_remote_code_depth_runs_as_pipeline_in_fresh_process(runs, fresh):
     torch.testing.assert_close(fresh["depth"], expected["predicted_depth"], atol=1e-5, rtol=0)
 
 
-def test_stock_encoder_loads_without_remote_code_and_matches(runs, fresh):
-    expected = _features(runs.encoder, runs.processor, runs.astronaut).last_hidden_state
-    for name in ("enc_stock", "enc_sub"):
-        assert fresh[f"{name}_class"] == "Dinov2Model"
-        torch.testing.assert_close(fresh[name], expected, atol=1e-5, rtol=0)
+STOCK_RELEASES = {
+    "enc": ("Dinov2Model", "encoder", "last_hidden_state"),
+    "enc_sub": ("Dinov2Model", "encoder", "last_hidden_state"),
+    "seg": ("UperNetForSemanticSegmentation", "seg", "logits"),
+    "dpt": ("DepthAnythingForDepthEstimation", "dpt", "predicted_depth"),
+}
 
 
-def test_stock_upernet_loads_without_remote_code_and_matches(runs, fresh):
-    assert fresh["upernet_class"] == "UperNetForSemanticSegmentation"
-    with torch.no_grad():
-        expected = runs.seg(torch.load(runs.root / "pixel_values.pt")).logits
-    torch.testing.assert_close(fresh["upernet_logits"], expected, atol=1e-5, rtol=0)
-    assert torch.equal(
-        _label_map(fresh["upernet_segments"], runs.seg.config.label2id, (512, 512)),
-        _label_map(fresh["seg_segments"], runs.seg.config.label2id, (512, 512)),
-    )
+@pytest.mark.parametrize("name", sorted(STOCK_RELEASES))
+def test_stock_release_loads_without_remote_code_and_equals_the_custom_model(runs, fresh, name):
+    """Plain Auto classes, no densecl_vit, no trust_remote_code; real photographs at a non-square and a square
+    size."""
+    stock_class, attribute, output = STOCK_RELEASES[name]
+    assert fresh[f"{name}_class"] == stock_class
+    model = getattr(runs, attribute)
+    for photo in (runs.astronaut, runs.coffee):
+        for size in (None, {"height": 32, "width": 32}):
+            processor = DenseCLViTImageProcessor(size=size or SIZE, size_divisor=8)
+            expected = getattr(_features(model, processor, photo), output)
+            torch.testing.assert_close(fresh[name, str(photo), str(size)], expected, atol=1e-4, rtol=0)
+
+
+def test_stock_releases_run_in_pipelines(runs, fresh):
+    """pipeline(task, model=folder) as the widget runs it, and with the PIL processor equal to the custom model."""
+    encoder = _features(runs.encoder, runs.processor, runs.astronaut).last_hidden_state
+    for name in ("enc", "enc_sub"):
+        torch.testing.assert_close(fresh[name, "pil"], encoder, atol=1e-4, rtol=0)
+        assert fresh[name, "default"].shape == encoder.shape
+    label2id = runs.seg.config.label2id
+    outputs = _features(runs.seg, runs.processor, runs.astronaut)
+    expected = runs.processor.post_process_semantic_segmentation(outputs, target_sizes=[(512, 512)])[0]
+    assert torch.equal(_label_map(fresh["seg", "pil"], label2id, (512, 512)), expected)
+    assert _label_map(fresh["seg", "default"], label2id, (512, 512)).min() >= 0
+    # DPT's post-processing (the stock processor's) resizes bicubically, ours bilinearly: compare like with like.
+    depth = _features(runs.dpt, runs.processor, runs.coffee).predicted_depth
+    expected = torch.nn.functional.interpolate(depth[None], size=(400, 600), mode="bicubic")[0, 0]
+    torch.testing.assert_close(fresh["dpt", "pil"], expected, atol=1e-4, rtol=0)
+    assert fresh["dpt", "default"].shape == (400, 600)
+    for name, (stock_class, _, _) in STOCK_RELEASES.items():
+        assert fresh[name, "pil", "model"] == fresh[name, "default", "model"] == stock_class
 
 
 @pytest.mark.parametrize("size", [(32, 32), (40, 48), (16, 64)])
@@ -235,6 +284,16 @@ def test_dinov2_conversion_is_exact_at_any_size(runs, size):
         ours, theirs = runs.encoder(x), dinov2(x)
     torch.testing.assert_close(theirs.last_hidden_state, ours.last_hidden_state, atol=1e-6, rtol=0)
     torch.testing.assert_close(theirs.pooler_output, ours.pooler_output, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (40, 48), (24, 56)])
+def test_depth_anything_conversion_is_exact_at_any_size(runs, size):
+    depth_anything = stock.to_depth_anything(runs.dpt)
+    assert depth_anything.config.depth_estimation_type == "metric" and depth_anything.config.max_depth == 10
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        ours, theirs = runs.dpt(x).predicted_depth, depth_anything(x).predicted_depth
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("qkv_bias", [True, False])
@@ -271,8 +330,8 @@ def _config(folder):
 
 def test_remote_code_folders_name_only_their_task_class(runs):
     expected = {
-        "enc": ("AutoModel", "DenseCLViTModel"),
-        "seg": ("AutoModelForSemanticSegmentation", "DenseCLViTForSemanticSegmentation"),
+        "enc-code": ("AutoModel", "DenseCLViTModel"),
+        "seg-code": ("AutoModelForSemanticSegmentation", "DenseCLViTForSemanticSegmentation"),
         "depth": ("AutoModelForDepthEstimation", "DenseCLViTForDepthEstimation"),
     }
     code = {"configuration_densecl_vit.py", "modeling_densecl_vit.py", "losses_densecl_vit.py"}
@@ -296,7 +355,8 @@ def test_remote_code_folders_name_only_their_task_class(runs):
 
 def test_release_carries_the_run_artefacts(runs):
     files = {p.as_posix() for p in runs.files["seg"]}
-    assert {"config.yaml", "eval_results.json", "example_prediction.png", "stock/config.json"} <= files
+    assert {"config.yaml", "eval_results.json", "example_prediction.png", "config.json"} <= files
+    assert {"config.yaml", "eval_results.json", "stock/config.json"} <= set(map(str, runs.files["seg-code"]))
     # The depth run wrote neither a config nor an example of its own: its release holds only the photograph's one.
     depth = set(map(str, runs.files["depth"]))
     assert "example_depth.png" in depth
@@ -304,24 +364,86 @@ def test_release_carries_the_run_artefacts(runs):
 
 
 def test_pretraining_folder_releases_its_encoder(runs):
-    weights = load_file(runs.out / "enc" / "model.safetensors")
+    weights = load_file(runs.out / "enc-code" / "model.safetensors")
     expected = runs.encoder.state_dict()
     assert weights.keys() == expected.keys()
     assert all(torch.equal(weights[k], expected[k]) for k in expected)
 
 
-def test_stock_format_folder_has_no_custom_code(runs):
-    folder = runs.out / "enc-stock"
-    assert not list(folder.glob("*.py"))
-    assert "auto_map" not in _config(folder) and _config(folder)["model_type"] == "dinov2"
-    assert {p.name for p in folder.iterdir()} >= {
-        "timm_model.safetensors",
-        "README.md",
-        "preprocessor_config.json",
+@pytest.mark.parametrize(
+    "name, model_type", [("enc", "dinov2"), ("seg", "upernet"), ("dpt", "depth_anything")]
+)
+def test_default_release_of_an_exact_model_is_stock_at_the_root(runs, name, model_type):
+    folder = runs.out / name
+    assert not list(folder.rglob("*.py")) and not (folder / "stock").exists()
+    assert "auto_map" not in _config(folder) and _config(folder)["model_type"] == model_type
+    assert "auto_map" not in json.loads((folder / "preprocessor_config.json").read_text())
+    assert {"README.md", "preprocessor_config.json", "model.safetensors"} <= {
+        p.name for p in folder.iterdir()
     }
-    assert "custom_code" not in (folder / "README.md").read_text().split("---")[1]
-    assert "No stock transformers architecture" in (runs.out / "depth" / "README.md").read_text()
-    assert not (runs.out / "depth" / "stock").exists()
+    assert ("timm_model.safetensors" in {p.name for p in folder.iterdir()}) == (name == "enc")
+
+
+def test_release_without_stock_form_is_remote_code_and_says_why(runs):
+    folder = runs.out / "depth"
+    assert _config(folder)["auto_map"]["AutoModelForDepthEstimation"].endswith("DenseCLViTForDepthEstimation")
+    assert "No stock transformers architecture" in (folder / "README.md").read_text()
+    assert not (folder / "stock").exists()
+
+
+@pytest.mark.parametrize(
+    "model, reason",
+    [
+        (DenseCLViTModel(tiny_config(mlp_ratio=2.5)), "Dinov2Model needs an integer MLP ratio"),
+        (
+            DenseCLViTForSemanticSegmentation(tiny_config(num_labels=3, decode_head="upernet")),
+            "BeitBackbone needs strictly increasing out_indices",
+        ),
+        (
+            DenseCLViTForDepthEstimation(tiny_config(**DPT_CONFIG, max_depth=7.5)),
+            "DepthAnythingConfig needs a whole-number max_depth",
+        ),
+    ],
+    ids=["mlp-ratio", "out-indices", "max-depth"],
+)
+def test_conditional_stock_form_falls_back_to_remote_code_with_its_reason(tmp_path, model, reason):
+    out = tmp_path / "out"
+    build_release(_save(model, tmp_path / "model"), out, ReleaseOptions(example_image=None))
+    assert "auto_map" in _config(out)
+    lines = [line for line in (out / "README.md").read_text().splitlines() if reason in line]
+    assert len(lines) == 1 and "trust_remote_code=True" in lines[0]
+    with pytest.raises(ValueError, match=reason):
+        build_release(tmp_path / "model", tmp_path / "stock", ReleaseOptions(fmt="stock"))
+
+
+def test_processor_without_a_fixed_size_falls_back_to_remote_code(tmp_path):
+    folder = tmp_path / "model"
+    DenseCLViTModel(tiny_config()).save_pretrained(folder)
+    DenseCLViTImageProcessor(size={"shortest_edge": 32}, size_divisor=8).save_pretrained(folder)
+    build_release(folder, tmp_path / "out", ReleaseOptions())
+    assert "auto_map" in _config(tmp_path / "out") and not (tmp_path / "out" / "stock").exists()
+    assert "stock image processors need a fixed size" in (tmp_path / "out" / "README.md").read_text()
+
+
+ROOT_TASKS = {"enc": "image-feature-extraction", "seg": "image-segmentation", "depth": "depth-estimation"}
+
+
+@pytest.mark.parametrize("name", ["enc", "enc-code", "seg", "seg-code", "depth", "dpt"])
+def test_every_card_parses_and_its_metadata_follows_the_format_at_the_root(runs, name):
+    folder = runs.out / name
+    remote = "auto_map" in _config(folder)
+    assert remote == (name.endswith("-code") or name == "depth")
+    card = ModelCard.load(folder / "README.md")
+    task = ROOT_TASKS[name.split("-")[0]] if name != "dpt" else "depth-estimation"
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == task
+    assert ("custom_code" in card.data.tags) == remote
+    # The widget runs only stock architectures from the root: a remote-code release offers none.
+    widget = getattr(card.data, "widget", None)
+    assert (widget is None) == remote
+    assert remote or widget[0]["src"].startswith("http")
+    usage = re.findall(r"```python\n(.*?)```", card.text, flags=re.DOTALL)[0]
+    assert ("trust_remote_code=True" in usage) == remote
+    assert f'pipeline("{task}", model=repo' in usage
 
 
 def test_stock_format_refused_without_exact_equivalent(runs, tmp_path):

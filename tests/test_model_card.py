@@ -69,7 +69,8 @@ def test_card_metadata_round_trips_with_the_reported_metrics(tmp_path):
     assert data.library_name == "transformers" and data.pipeline_tag == "image-segmentation"
     assert {"custom_code", "densecl-vit", "vision-transformer", "self-supervised"} <= set(data.tags)
     assert data.license == "apache-2.0" and data.base_model == "my-org/densecl-vit-small"
-    assert data.datasets == ["scene_parse_150"] and data.widget[0]["src"].startswith("https://")
+    assert data.datasets == ["scene_parse_150"]
+    assert not hasattr(data, "widget")  # remote code at the root: the widget cannot run it
     results = {r.metric_type: r for r in data.eval_results}
     assert {k: r.metric_value for k, r in results.items()} == SEG_REPORT["metrics"]
     first = results["mean_iou"]
@@ -256,6 +257,18 @@ def test_usage_snippets_are_python_pinned_to_the_revision(kind, fmt):
     assert ("custom_code" in card.data.tags) == (fmt == "remote-code")
     if fmt == "remote-code":
         assert 'subfolder="stock"' in blocks[1] and "trust_remote_code" not in blocks[1]
+
+
+@pytest.mark.parametrize("kind", ["encoder", "seg", "depth"])
+def test_stock_card_offers_the_widget_and_no_custom_code(kind, tmp_path):
+    stock = StockFormats(transformers_class="UperNetForSemanticSegmentation")
+    card = _round_trip(render_model_card(_inputs(kind, fmt="stock", stock=stock)), tmp_path)
+    assert card.data.library_name == "transformers"
+    assert card.data.pipeline_tag == cards.MODEL_TASKS[CLASSES[kind]].pipeline_tag
+    assert card.data.widget == [
+        {"src": cards.MODEL_TASKS[CLASSES[kind]].widget, "example_title": "Sample photo"}
+    ]
+    assert "custom_code" not in card.data.tags and "trust_remote_code" not in card.text
 
 
 def test_card_says_when_no_stock_architecture_exists():

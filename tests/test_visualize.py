@@ -206,6 +206,38 @@ def test_predict_depth_script_in_process(tmp_path, photos, depth_dir, capsys):
         np.testing.assert_array_equal(figure[:, : image.width], expected)
 
 
+def test_predict_depth_script_runs_a_dpt_model_and_its_stock_release(tmp_path, photos):
+    """The DPT head in its own folder and released as transformers' DepthAnythingForDepthEstimation: the same
+    depth, resized to the photograph bilinearly by our processor and bicubically by DPT's."""
+    from densecl_vit.hub_cards.export import ReleaseOptions, build_release
+
+    torch.manual_seed(2)
+    config = tiny_config(
+        num_hidden_layers=4, depth_head="dpt", dpt_fusion_hidden_size=16, dpt_head_hidden_size=8
+    )
+    processor = DenseCLViTImageProcessor(size={"height": 40, "width": 56}, size_divisor=8)
+    folder = save_model(DenseCLViTForDepthEstimation(config), tmp_path / "dpt", processor)
+    build_release(folder, tmp_path / "release", ReleaseOptions(example_image=None))
+    image = PIL.Image.open(photos["coffee"]).convert("RGB")
+    model = DenseCLViTForDepthEstimation.from_pretrained(folder).eval()
+    with torch.no_grad():
+        depth = model(**processor(image, return_tensors="pt")).predicted_depth[:, None]
+    for name, mode in (("dpt", "bilinear"), ("release", "bicubic")):
+        predict = load_script("predict")
+        args = [
+            "--model",
+            str(tmp_path / name),
+            str(photos["coffee"]),
+            "--output-dir",
+            str(tmp_path / f"{name}-out"),
+        ]
+        assert predict.main(args) == 0
+        expected = torch.nn.functional.interpolate(depth, size=(image.height, image.width), mode=mode)[0, 0]
+        np.testing.assert_allclose(
+            np.load(tmp_path / f"{name}-out" / "coffee_depth.npy"), expected, atol=1e-4
+        )
+
+
 def test_label_maps_of_many_classes_are_saved_as_uint16(tmp_path):
     predict = load_script("predict")
     labels = np.arange(12, dtype=np.int64).reshape(3, 4) * 27  # up to 297

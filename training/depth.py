@@ -57,7 +57,7 @@ DEPTH_CRITICAL_KEYS = (
 
 @dataclasses.dataclass
 class FinetuneDepthConfig(FinetuneArgs):
-    """Fine-tune a DenseCL-ViT encoder for monocular depth (linear up-projection or UPerNet head), NYU protocol.
+    """Fine-tune a DenseCL-ViT encoder for monocular depth (linear up-projection, UPerNet or DPT head), NYU protocol.
 
     Run with `accelerate launch scripts/finetune_depth.py --config FILE.yaml [--option value ...]`.
     """
@@ -75,7 +75,9 @@ class FinetuneDepthConfig(FinetuneArgs):
     depth_scale: float = option(1.0, "metres per raw depth unit (1e-3 for 16-bit PNGs in millimetres)")
     min_depth: float = option(1e-3, "smallest valid depth in metres (ground truth at or below is invalid)")
     max_depth: float = option(10.0, "largest valid depth in metres; the head's output range")
-    depth_head: Literal["linear", "upernet"] = option("linear", "depth head")
+    depth_head: Literal["linear", "upernet", "dpt"] = option(
+        "linear", "depth head; dpt releases as transformers' DepthAnythingForDepthEstimation"
+    )
     color_jitter: bool = option(True, "random gamma, brightness and colour on the image")
     eigen_crop: bool | None = option(
         None, "evaluate inside the Eigen crop; default: on when --dataset names NYU"
