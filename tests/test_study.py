@@ -227,6 +227,7 @@ def test_tiny_study_writes_its_report_and_skips_finished_runs_on_restart(tmp_pat
     markdown = (out / "study.md").read_text()
     assert "Testbed **not checked**" in markdown and "## Longer budget: 2x" in markdown
     assert not list(out.glob("**/checkpoints"))  # dropped once a run completed
+    assert (out / "study.png").stat().st_size > 0 and (out / "pca.png").stat().st_size > 0
 
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("**/results.json")}
     assert len(stamps) == 2 + 4  # two pre-trainings, four fine-tunings

@@ -55,7 +55,8 @@ from .pretraining import PretrainConfig, model_source
 from .pretraining import main as pretrain_main
 from .probes import ProbeSettings, Scenes, encode, load_scenes, patch_similarity, probe_encoder
 from .runlog import read_json, write_json
-from .study_report import best_arm, write_report
+from .study_report import best_arm, plot_pca, write_report
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +92,7 @@ ARMS: dict[str, Arm] = {
 }
 LONGER_ARMS = ("random", "global", "local-global")  # plus the best arm
 SECONDARY_ARMS = ("random", "supervised", "local-global")  # plus the best arm
+PCA_ARMS = ("random", "supervised", "local-global")  # plus the best arm
 TASKS = ("segmentation", "depth")
 
 
@@ -307,6 +309,22 @@ def finetune_record(
     return {"arm": arm_name, "seed": seed, "task": task, **{n: float(metrics[n]) for n in names}}
 
 
+def pca_figure(
+    size: StudySize, arms: Sequence[str], seed: int, paths: StudyPaths, titles: Mapping[str, str]
+) -> Path:
+    """pca.png: the first validation scenes and the principal components of each arm's patch tokens (one seed)."""
+    _, val = _scenes(paths.labelled)
+    count = min(4, len(val))
+    pixels = val.pixels[:count]
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    images = ((pixels * std + mean).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    tokens = {
+        arm: encode(build_encoder(size, ARMS[arm], seed, 1, paths)[0], pixels).numpy()
+        for arm in dict.fromkeys(arms)
+    }
+    return plot_pca(images, tokens, titles, paths.root / "pca.png")
+
+
 # --- the study ----------------------------------------------------------------------------------------
 
 
@@ -409,9 +427,12 @@ def run_study(
         ]
         echo(f"secondary protocol (full fine-tuning): {', '.join(chosen)}")
         _map(jobs, threads, ft_jobs, lambda r: report(r, "finetune"))
+    pca_figure(size, [a for a in PCA_ARMS + (best,) if a in arms], min(seeds), paths, study["titles"])
     study["wall_time_s"] = round(time.perf_counter() - started, 1)
     write_report(study, root)
-    echo(f"\nstudy written to {root / 'study.md'}, {root / 'study.json'} and {root / 'study.png'}")
+    echo(
+        f"\nstudy written to {root / 'study.md'}, {root / 'study.json'}, {root / 'study.png'} and {root / 'pca.png'}"
+    )
     return study
 
 

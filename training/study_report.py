@@ -335,6 +335,39 @@ def plot_study(study: Mapping[str, Any], path: str | Path) -> Path:
     return Path(path)
 
 
+def plot_pca(
+    images: np.ndarray, tokens: Mapping[str, np.ndarray], titles: Mapping[str, str], path: Path
+) -> Path:
+    """pca.png: a row per image (the image, then each encoder's first three principal components of its patch
+    tokens as RGB, fitted jointly over all the images so colours compare across rows).
+
+    images: (M, H, W, 3) uint8; tokens: {arm: (M, N, D)} on a square patch grid."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from .visualize import pca_rgb
+
+    count, side = images.shape[0], images.shape[1]
+    figure = Figure(figsize=(1.6 * (1 + len(tokens)), 1.6 * count + 0.4), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(count, 1 + len(tokens), squeeze=False)
+    maps = {}
+    for arm, features in tokens.items():
+        grid = round(features.shape[1] ** 0.5)
+        rgb = pca_rgb(features.reshape(-1, features.shape[-1])).reshape(count, grid, grid, 3)
+        maps[arm] = rgb.repeat(side // grid, axis=1).repeat(side // grid, axis=2)
+    for row in range(count):
+        axes[row, 0].imshow(images[row])
+        for col, arm in enumerate(tokens, start=1):
+            axes[row, col].imshow(maps[arm][row])
+    for col, title in enumerate(["scene", *(titles[a] for a in tokens)]):
+        axes[0, col].set_title(title, fontsize=6)
+    for axis in axes.flat:
+        axis.set_axis_off()
+    figure.savefig(path)
+    return Path(path)
+
+
 def write_report(study: Mapping[str, Any], root: Path) -> None:
     """study.json, study.md and study.png in `root`."""
     write_json(root / "study.json", study)
@@ -347,6 +380,7 @@ __all__ = [
     "beats",
     "mean_std",
     "paired",
+    "plot_pca",
     "plot_study",
     "seed_values",
     "study_markdown",
