@@ -1,5 +1,7 @@
 """DenseCL-ViT model configuration."""
 
+import math
+
 from transformers import PretrainedConfig
 
 # The three sizes of the paper (ViT/16, as in DeiT/timm): hidden size, depth, heads.
@@ -231,7 +233,12 @@ class DenseCLViTConfig(PretrainedConfig):
             raise ValueError(
                 f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})."
             )
-        parse_pretraining_loss(self.pretraining_loss)
+        terms = [term for _, term in parse_pretraining_loss(self.pretraining_loss)]
+        if self.cls_stop_gradient and "local-global" not in terms:
+            raise ValueError(
+                f"cls_stop_gradient applies to the local-global term, which pretraining_loss "
+                f"{self.pretraining_loss!r} lacks; drop it or add the term."
+            )
         if self.decode_head not in ("linear", "upernet"):
             raise ValueError(f"decode_head must be 'linear' or 'upernet', got {self.decode_head!r}.")
         if self.depth_head not in ("linear", "upernet", "dpt"):
@@ -281,7 +288,7 @@ def parse_pretraining_loss(spec: str) -> list[tuple[float, str]]:
             value = float(weight) if weight else 1.0
         except ValueError:
             value = float("nan")
-        if term not in PRETRAINING_LOSS_TERMS or not value > 0 or term in [t for _, t in terms]:
+        if term not in PRETRAINING_LOSS_TERMS or not 0 < value < math.inf or term in [t for _, t in terms]:
             raise ValueError(
                 f"pretraining_loss {spec!r}: each '+'-joined term must be one of {', '.join(PRETRAINING_LOSS_TERMS)}, "
                 "at most once, optionally with a positive weight as in '0.25*local-global+local-local'."

@@ -36,6 +36,9 @@ __all__ = [
 ]
 
 
+DENSE_CHUNK_ELEMENTS = 2**26
+
+
 def _check_temperature(temperature: float) -> None:
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}; use a positive value such as 0.1.")
@@ -234,8 +237,12 @@ def _matched_losses(
     weight: torch.Tensor,
     temperature: float,
 ) -> torch.Tensor:
-    """sum_k weight_k * (logsumexp_m(a_k.c_m / t) - a_k.c_pos(k) / t) for (K, D) anchors, (M, D) candidates."""
-    logits = _logits(anchors @ candidates.T, temperature)  # (K, M)
+    """sum_k weight_k * (logsumexp_m(a_k.c_m / t) - a_k.c_pos(k) / t) for (K, D) anchors, (M, D) candidates.
+
+    The product runs in the operands' dtype (float32 at least) even under autocast, which would take it in
+    bf16/fp16: neighbouring patches have cosines near 1, and a bf16 logit at t = 0.1 is off by ~0.04."""
+    with torch.autocast(anchors.device.type, enabled=False):
+        logits = _logits(anchors @ candidates.T, temperature)  # (K, M)
     losses = torch.logsumexp(logits, dim=1) - logits.gather(1, positive[:, None])[:, 0]  # (K,)
     return (losses * weight).sum()
 
@@ -246,13 +253,13 @@ def _dense_direction(
     match: torch.Tensor,
     batch_offset: int,
     temperature: float,
-    chunk_size: int,
+    chunk_size: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed InfoNCE of the matched anchors of one direction, and how many there were (both on the device).
 
     anchors (B, N1, D), candidates (B_all, N2, D), match (B, N1) from `match_patches`. Unmatched anchors are
     weighted 0 rather than dropped, so the step never waits for the host to learn how many matched. Each chunk
-    of `chunk_size` anchors is checkpointed: its (chunk, B_all * N2) logits are recomputed in the backward pass
+    of `chunk_size` anchors (None: sized by the number of candidates) is checkpointed: its (chunk, B_all * N2) logits are recomputed in the backward pass
     instead of being kept, so memory grows with the chunk, not with (B * N)^2.
     """
     batch = torch.arange(match.shape[0], device=match.device)[:, None] + batch_offset  # (B, 1)
@@ -262,6 +269,10 @@ def _dense_direction(
     weight = (match >= 0).flatten().to(dtype)
     recompute = torch.is_grad_enabled() and (rows.requires_grad or flat.requires_grad)
     total = flat.new_zeros(())
+    if (
+        chunk_size is None
+    ):  # about 2^26 logits (256 MB in float32) per chunk, whatever the number of candidates
+        chunk_size = max(1, DENSE_CHUNK_ELEMENTS // flat.shape[0])
     for start in range(0, rows.shape[0], chunk_size):
         part = slice(start, start + chunk_size)
         args = (rows[part], flat, positive[part], weight[part], temperature)
@@ -284,7 +295,7 @@ def local_local_info_nce(
     negative_local_embeddings_1: torch.Tensor | None = None,
     negative_local_embeddings_2: torch.Tensor | None = None,
     batch_offset: int = 0,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Dense local-to-local InfoNCE between geometrically corresponding patches of two views (the idea of [3]).
 
@@ -312,13 +323,14 @@ def local_local_info_nce(
             (`gather_with_grad`); the candidates of the view-2 anchors.
         negative_local_embeddings_2: optional (B_all, N2, D) view-2 patch embeddings of every process.
         batch_offset: index of this process's first image in the gathered tensors (ignored without them).
-        chunk_size: anchors per chunk of the similarity matrix, >= 1.
+        chunk_size: anchors per chunk of the similarity matrix, >= 1; None: as many as keep a chunk's logits near
+            2^26 values (with gathered negatives the candidates, and so each row, grow with the processes).
 
     Returns:
         Scalar loss, float32 for half-precision inputs (float64 stays float64).
     """
     _check_temperature(temperature)
-    if chunk_size < 1:
+    if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     if local_embeddings_1.ndim != 3 or local_embeddings_2.ndim != 3:
         raise ValueError(

@@ -450,8 +450,14 @@ class DenseCLViTForPreTraining(DenseCLViTPreTrainedModel):
         gather = self.config.gather_negatives and dist.is_available() and dist.is_initialized()
         offset = rank_batch_offset(global_embeddings.shape[0]) if gather else 0
 
+        gathered: dict[int, torch.Tensor] = {}  # one all-gather per tensor, however many terms read it
+
         def negatives(embeddings: torch.Tensor) -> torch.Tensor | None:
-            return gather_with_grad(embeddings) if gather else None
+            if not gather:
+                return None
+            if id(embeddings) not in gathered:
+                gathered[id(embeddings)] = gather_with_grad(embeddings)
+            return gathered[id(embeddings)]
 
         temperature = self.config.loss_temperature
         losses = []

@@ -177,3 +177,11 @@ def test_impossible_arguments_raise(kwargs, match):
     )
     with pytest.raises(ValueError, match=match):
         local_local_info_nce(**{**args, **kwargs})
+
+
+def test_autocast_does_not_lower_the_similarity_product():
+    l1, l2 = _unit(3, 9, 16, seed=13).float(), _unit(3, 9, 16, seed=14).float()
+    want = local_local_info_nce(l1.double(), l2.double(), BOXES_1, FLIPS_1, BOXES_2, FLIPS_2, 0.05)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = local_local_info_nce(l1, l2, BOXES_1, FLIPS_1, BOXES_2, FLIPS_2, 0.05)
+    assert abs(got.item() - want.item()) < 1e-5

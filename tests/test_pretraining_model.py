@@ -128,10 +128,12 @@ def test_local_local_without_geometry_says_what_to_pass(tiny):
         model(*_views())
 
 
-@pytest.mark.parametrize("spec", ["local", "local-global+local-global", "-1*global", "x*global", ""])
+@pytest.mark.parametrize("spec", ["local", "local-global+local-global", "-1*global", "x*global", "inf*global", ""])
 def test_config_refuses_bad_loss_compositions(tiny, spec):
     with pytest.raises(ValueError, match="pretraining_loss"):
         tiny(pretraining_loss=spec)
+    with pytest.raises(ValueError, match="cls_stop_gradient applies to the local-global term"):
+        tiny(pretraining_loss="local-local", cls_stop_gradient=True)
 
 
 def _count_encoder_calls(model) -> list[int]:

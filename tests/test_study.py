@@ -189,7 +189,10 @@ def test_validity_line_needs_the_supervised_margin():
     assert "Testbed **valid**" in study_markdown(valid)
     invalid = _study(_records({"supervised": 0.04, "local-global": 0.0}))  # 0.04 < 5 x std 0.01
     assert validity(invalid)["valid"] is False
-    assert "Testbed **invalid**" in study_markdown(invalid)
+    markdown = study_markdown(invalid)
+    assert "Testbed **invalid**" in markdown
+    assert "**" not in markdown.split("Testbed **invalid**")[1]  # no winner in bold, no best arm, no verdict
+    assert "Best self-supervised arm" not in markdown
     one_seed = _study([r for r in _records({"supervised": 0.2}) if r["seed"] == 0])
     assert validity(one_seed)["valid"] is None
 

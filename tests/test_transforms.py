@@ -486,3 +486,28 @@ def test_geometry_does_not_change_the_views():
     view_1, view_2 = TwoViewTransform(cfg)(image, [3, 4])
     assert torch.equal(views.view_1, view_1) and torch.equal(views.view_2, view_2)
     assert views.crop_box_1.dtype == torch.float32 and views.flip_1.dtype == torch.bool
+
+
+def test_matched_patches_of_the_two_views_show_the_same_source_pixels():
+    """End to end: the dense loss's matching, read off the returned geometry, pairs patches that show the same
+    place of the coordinate image (within half a patch of view 2, in source pixels)."""
+    from densecl_vit.modeling.losses_densecl_vit import match_patches
+
+    size, patch, grid = 32, 8, 4
+    cfg = SimCLRAugmentConfig(
+        image_size=size, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, mean=(0, 0, 0), std=(1, 1, 1), gpu_color=True
+    )
+    transform, image, matched = TwoViewTransform(cfg), _coordinate_image(), 0
+    for seed in range(12):
+        v = transform.sample(image, seed)
+        match = match_patches(
+            v.crop_box_1[None], v.flip_1[None], (grid, grid), v.crop_box_2[None], v.flip_2[None], (grid, grid)
+        )[0]
+        values_1 = _patch_centre_values(v.view_1, patch).reshape(-1, 3)
+        values_2 = _patch_centre_values(v.view_2, patch).reshape(-1, 3)
+        tolerance = v.crop_box_2[2:].double() / grid / 2 + 1  # half a view-2 patch, plus rounding
+        for i, j in enumerate(match.tolist()):
+            if j >= 0:
+                matched += 1
+                assert ((values_1[i, :2] - values_2[j, :2]).abs() <= tolerance).all()
+    assert matched > 50

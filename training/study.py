@@ -25,9 +25,15 @@ and the report is rewritten after every finished run. Outputs in the study folde
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
+import hashlib
+import itertools
+import json
 import multiprocessing
+import os
 import shutil
+import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -36,13 +42,16 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from accelerate.utils import set_seed
 
+from ..modeling import DenseCLViTConfig, DenseCLViTImageProcessor, DenseCLViTModel
 from . import depth, segmentation
 from .checkpoint import complete_checkpoints
 from .config import config_to_dict, parse_config
 from .demo import (
     QUICK,
     DemoSettings,
+    StageInterrupted,
     depth_argv,
     ensure_dataset,
     loss_curve,
@@ -55,7 +64,7 @@ from .pretraining import PretrainConfig, model_source
 from .pretraining import main as pretrain_main
 from .probes import ProbeSettings, Scenes, encode, load_scenes, patch_similarity, probe_encoder
 from .runlog import read_json, write_json
-from .study_report import best_arm, plot_pca, write_report
+from .study_report import best_arm, plot_pca, validity, write_report
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -154,9 +163,12 @@ SIZES: dict[str, StudySize] = _sizes()
 
 @dataclasses.dataclass(frozen=True)
 class StudyPaths:
+    """Where the study keeps its data and runs; `model` is the --model value every run uses."""
+
     root: Path
     pool: Path
     labelled: Path
+    model: str
 
     def run_dir(self, arm: str, seed: int, factor: int) -> Path:
         return self.root / "runs" / arm / (f"seed-{seed}" + (f"-x{factor}" if factor > 1 else ""))
@@ -176,46 +188,72 @@ def _same_config(run_dir: Path, wanted: Mapping[str, Any]) -> bool:
     }
 
 
-def _run_once(run_dir: Path, needed: str, main_fn: Callable[[Any], Any], cls: type, argv: list[str]) -> None:
-    """Run a script's `main_fn` on `argv` unless `run_dir` holds a completed run of the same config; resume a
+def fingerprint(folder: Path) -> dict[str, Any]:
+    """What identifies a dataset folder (its meta.json settings) or a model folder (its weights' SHA-1)."""
+    if (folder / "meta.json").is_file():
+        return {k: v for k, v in read_json(folder / "meta.json").items() if k != "files"}
+    return {"sha1": hashlib.sha1((folder / "model.safetensors").read_bytes()).hexdigest()}
+
+
+def _run_once(
+    run_dir: Path,
+    needed: str,
+    main_fn: Callable[[Any], Any],
+    cls: type,
+    argv: list[str],
+    key: Mapping[str, Any],
+) -> None:
+    """Run a script's `main_fn` on `argv` unless `run_dir` holds a completed run of the same config and inputs
+    (`key`: the fingerprints of its data and starting weights, which the config names only by path); resume a
     stopped run of the same config from its last checkpoint; start over otherwise. Checkpoints are dropped
     after completion (the study reads the final model and results)."""
     argv = [*argv, "--resume-from", "latest"]
+    key_path = run_dir / "study_key.json"
     same = _same_config(run_dir, config_to_dict(parse_config(cls, argv)))
+    # A run without a key comes from a study written before keys were kept: its config is all there is to check.
+    same = same and (not key_path.is_file() or read_json(key_path) == json.loads(json.dumps(key)))
     results = run_dir / "results.json"
     done = results.is_file() and read_json(results).get("status") == "completed"
     if same and done and (run_dir / needed).exists():
         return
     if run_dir.exists() and not (same and complete_checkpoints(run_dir)):
         shutil.rmtree(run_dir)
+    write_json(key_path, key)
     run_stage(main_fn, cls, argv)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
 
 
 def save_random_encoder(model: str, image_size: int, seed: int, folder: Path) -> Path:
-    """A randomly initialised encoder (seeded) of the --model value's architecture, saved like a pre-trained one."""
-    from accelerate.utils import set_seed
-
-    from ..modeling import DenseCLViTConfig, DenseCLViTImageProcessor, DenseCLViTModel
-
+    """A randomly initialised encoder (seeded) of the --model value's architecture, saved like a pre-trained one;
+    kept when `folder` already holds the same one, written to a temporary folder and renamed into place."""
     fields = {k: v for k, v in model_source(model)[1].items() if k not in ("architectures", "auto_map")}
+    key = {"model": fields, "image_size": image_size, "seed": seed}
+    if (folder / "study_key.json").is_file() and read_json(folder / "study_key.json") == json.loads(
+        json.dumps(key)
+    ):
+        return folder
     config = DenseCLViTConfig.from_dict({**fields, "image_size": image_size})
     set_seed(seed)
-    DenseCLViTModel(config).save_pretrained(folder)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    DenseCLViTModel(config).save_pretrained(partial)
     size = {"height": image_size, "width": image_size}
-    DenseCLViTImageProcessor(size=size, size_divisor=config.patch_size).save_pretrained(folder)
+    DenseCLViTImageProcessor(size=size, size_divisor=config.patch_size).save_pretrained(partial)
+    write_json(partial / "study_key.json", key)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
     return folder
+
+
+def _random_dir(paths: StudyPaths, seed: int) -> Path:
+    return paths.root / "runs" / "random" / f"seed-{seed}" / "encoder"
 
 
 def build_encoder(size: StudySize, arm: Arm, seed: int, factor: int, paths: StudyPaths) -> tuple[Path, dict]:
     """The encoder folder of (arm, seed, budget factor), training it if needed, and its training loss start/end."""
     s, run_dir = size.settings, paths.run_dir(arm.name, seed, factor) / "train"
-    model = model_argument(s.model, paths.root / "runs")
-    steps = s.pretrain_steps * factor
-    random_dir = paths.root / "runs" / "random" / f"seed-{seed}" / "encoder"
+    steps, random_dir = s.pretrain_steps * factor, _random_dir(paths, seed)
     if arm.name == "random" or arm.name == "supervised":
-        if not (random_dir / "model.safetensors").is_file():
-            save_random_encoder(model, s.image_size, seed, random_dir)
         if arm.name == "random":
             return random_dir, {}
         # The same encoder, data, steps and batch as pre-training, taught by the pool's labels instead.
@@ -224,12 +262,13 @@ def build_encoder(size: StudySize, arm: Arm, seed: int, factor: int, paths: Stud
             layer_decay=None, log_every=max(1, steps // 10),
         )  # fmt: skip
         argv = segmentation_argv(sup, paths.pool, str(random_dir), run_dir, seed)
-        _run_once(run_dir, "final", segmentation.main, segmentation.FinetuneSegmentationConfig, argv)
+        key = {"data": fingerprint(paths.pool), "start": fingerprint(random_dir)}
+        _run_once(run_dir, "final", segmentation.main, segmentation.FinetuneSegmentationConfig, argv, key)
     else:
         run = dataclasses.replace(s, pretrain_steps=steps, log_every=max(1, steps // 10))
-        argv = pretrain_argv(run, paths.pool, run_dir, model, loss=arm.loss, seed=seed)
+        argv = pretrain_argv(run, paths.pool, run_dir, paths.model, loss=arm.loss, seed=seed)
         argv += ["--cls-stop-gradient", str(arm.cls_stop_gradient).lower()]
-        _run_once(run_dir, "final", pretrain_main, PretrainConfig, argv)
+        _run_once(run_dir, "final", pretrain_main, PretrainConfig, argv, {"data": fingerprint(paths.pool)})
     start, end = loss_curve(run_dir)
     return run_dir / "final", {"loss_start": start, "loss_end": end}
 
@@ -261,10 +300,19 @@ def encoder_record(
     metrics}}. The record is kept in probes.json and reused while the probe settings stay the same."""
     arm = ARMS[arm_name]
     record_path = paths.run_dir(arm.name, seed, factor) / "probes.json"
-    settings = {"probe": dataclasses.asdict(size.probe), "label_counts": list(size.label_counts)}
     encoder, losses = build_encoder(size, arm, seed, factor, paths)
-    if record_path.is_file() and read_json(record_path).get("probe_settings") == settings:
-        return read_json(record_path)
+    settings = {
+        "probe": dataclasses.asdict(size.probe),
+        "label_counts": list(size.label_counts),
+        "data": fingerprint(paths.labelled),
+        "encoder": fingerprint(encoder),
+    }
+    if record_path.is_file():
+        saved = read_json(record_path).get("probe_settings", {})
+        # a record written before fingerprints were kept is matched on what it recorded
+        compared = {k: v for k, v in json.loads(json.dumps(settings)).items() if k in saved}
+        if saved == compared and {"probe", "label_counts"} <= set(saved):
+            return read_json(record_path)
     train, val = _scenes(paths.labelled)
     tokens = encode(encoder, torch.cat([train.pixels, val.pixels]))  # (M, N, D), cached for every probe
     train_tokens, val_tokens = tokens[: len(train)], tokens[len(train) :]
@@ -297,13 +345,9 @@ def finetune_record(
         module, cls, argv = segmentation, segmentation.FinetuneSegmentationConfig, segmentation_argv
     else:
         module, cls, argv = depth, depth.FinetuneDepthConfig, depth_argv
-    _run_once(
-        run_dir,
-        "eval_results.json",
-        module.main,
-        cls,
-        argv(size.settings, paths.labelled, str(encoder), run_dir, seed),
-    )
+    key = {"data": fingerprint(paths.labelled), "start": fingerprint(encoder)}
+    args = argv(size.settings, paths.labelled, str(encoder), run_dir, seed)
+    _run_once(run_dir, "eval_results.json", module.main, cls, args, key)
     metrics = read_json(run_dir / "eval_results.json")["metrics"]
     names = ("mean_iou",) if task == "segmentation" else ("delta1", "abs_rel")
     return {"arm": arm_name, "seed": seed, "task": task, **{n: float(metrics[n]) for n in names}}
@@ -347,10 +391,24 @@ def _map(
             torch.set_num_threads(before)
         return
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(jobs, context, _worker_start, (num_threads,)) as pool:
+    pool = concurrent.futures.ProcessPoolExecutor(jobs, context, _worker_start, (num_threads,))
+
+    def forward(signum: int, frame: Any) -> None:  # a stop sent to this process alone reaches the runs too
+        for process in list(getattr(pool, "_processes", {}).values()):
+            with contextlib.suppress(OSError):
+                os.kill(process.pid, signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
         futures = [pool.submit(fn, *args) for fn, args in calls]
         for future in concurrent.futures.as_completed(futures):
             done(future.result())
+    except KeyboardInterrupt:
+        forward(signal.SIGINT, None)
+        raise StageInterrupted("stopped by SIGINT; finished runs are kept, stopped ones resume") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # a failed or stopped run ends the study, not its queue
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_study(
@@ -378,7 +436,11 @@ def run_study(
         ),
         root / "data" / "pool",
     )
-    paths = StudyPaths(root, pool, ensure_dataset(s, root / "data" / "labelled"))
+    paths = StudyPaths(
+        root, pool, ensure_dataset(s, root / "data" / "labelled"), model_argument(s.model, root / "runs")
+    )
+    for seed in seeds:  # made here, once: the random and supervised arms of a seed start from it
+        save_random_encoder(paths.model, s.image_size, seed, _random_dir(paths, seed))
     study: dict[str, Any] = {
         "size": name,
         "settings": dataclasses.asdict(s),
@@ -403,7 +465,8 @@ def run_study(
     main_jobs = [(encoder_record, (size, arm, seed, 1, paths)) for seed in seeds for arm in arms]
     echo(f"main protocol: {len(main_jobs)} encoders, {jobs} at a time")
     _map(jobs, threads, main_jobs, lambda r: report(r, "encoders"))
-    best = best_arm(study)
+    # An invalid testbed ranks nothing: no best arm for the longer budget (an unchecked one picks provisionally).
+    best = best_arm(study) if validity(study)["valid"] is not False else None
     study["best_arm"] = best
     longer = [a for a in (*LONGER_ARMS, best) if a in arms and a is not None]
     longer = list(dict.fromkeys(longer))
@@ -419,6 +482,10 @@ def run_study(
     _map(jobs, threads, longer_jobs, lambda r: report(r, "encoders"))
     if secondary:
         chosen = list(dict.fromkeys(a for a in (*SECONDARY_ARMS, best) if a in arms and a is not None))
+        for arm, seed in itertools.product(
+            chosen, seeds
+        ):  # normally found finished: never trained twice at once
+            build_encoder(size, ARMS[arm], seed, 1, paths)
         ft_jobs = [
             (finetune_record, (size, a, seed, task, paths))
             for seed in seeds

@@ -82,11 +82,14 @@ def _title(key: str) -> str:
 
 
 def _table(
-    rows: Sequence[tuple[str, Mapping[str, dict]]], keys: Sequence[str], signed: bool = False
+    rows: Sequence[tuple[str, Mapping[str, dict]]],
+    keys: Sequence[str],
+    signed: bool = False,
+    rank: bool = True,
 ) -> list[str]:
-    """Markdown rows of (label, {metric: mean_std}); the best mean of a ranked metric in bold."""
+    """Markdown rows of (label, {metric: mean_std}); with `rank`, the best mean of a ranked metric in bold."""
     winners = {}
-    if not signed:
+    if rank and not signed:
         for key in keys:
             means = {
                 label: st[key]["mean"] for label, st in rows if key in st and math.isfinite(st[key]["mean"])
@@ -156,14 +159,14 @@ def best_arm(study: Mapping[str, Any]) -> str | None:
 
 def beats(study: Mapping[str, Any], arm: str, baseline: str) -> bool:
     """Whether `arm` beats `baseline` beyond the seed spread on both tasks: for seg mIoU and δ1 at every label
-    count, the mean paired difference exceeds its sample std (at least 2 seeds)."""
+    count, the mean paired difference exceeds twice its standard error, std / sqrt(seeds) (at least 2 seeds)."""
     records = study["encoders"]
     for count in map(str, study["label_counts"]):
         for metric in VALIDITY_METRICS:
             diffs = paired(
                 seed_values(records, arm, metric, 1, count), seed_values(records, baseline, metric, 1, count)
             )
-            if len(diffs) < 2 or not np.mean(diffs) > np.std(diffs, ddof=1):
+            if len(diffs) < 2 or not np.mean(diffs) > 2 * np.std(diffs, ddof=1) / np.sqrt(len(diffs)):
                 return False
     return True
 
@@ -211,10 +214,10 @@ def _header(study: Mapping[str, Any]) -> list[str]:
 def study_markdown(study: Mapping[str, Any]) -> str:
     """study.md: validity line, frozen-probe tables per L, paired differences, longer budget, fine-tuning."""
     titles, lines = study["titles"], _header(study) + _validity_lines(study)
-    arms, keys = _arms_with(study, 1), PROBE_METRICS
+    arms, keys, rank = _arms_with(study, 1), PROBE_METRICS, validity(study)["valid"] is True
     for count in map(str, study["label_counts"]):
         rows = [(titles[a], _probe_stats(study, a, count)) for a in arms]
-        lines += ["", f"## Frozen probes, L = {count} labelled scenes", "", *_table(rows, keys)]
+        lines += ["", f"## Frozen probes, L = {count} labelled scenes", "", *_table(rows, keys, rank=rank)]
         diff_rows = []
         for baseline in ("random", "local-global"):
             base = seed_values(study["encoders"], baseline, keys[0], 1, count)
@@ -260,8 +263,8 @@ def study_markdown(study: Mapping[str, Any]) -> str:
 
 def _verdict_lines(study: Mapping[str, Any]) -> list[str]:
     best = study.get("best_arm") or best_arm(study)
-    if best is None:
-        return []
+    if best is None or validity(study)["valid"] is not True:
+        return []  # an invalid or unchecked testbed ranks nothing
     titles = study["titles"]
     winners = [a for a in _ssl_arms(study) if a != "local-global" and beats(study, a, "local-global")]
     text = ", ".join(titles[a] for a in winners) if winners else "none"
@@ -269,7 +272,7 @@ def _verdict_lines(study: Mapping[str, Any]) -> list[str]:
         "",
         f"Best self-supervised arm (largest mean paired gain over random init on the four probe scores): "
         f"**{titles[best]}**. Arms that beat the paper's loss beyond the seed spread on both tasks (mean paired "
-        f"difference above its std for mIoU and δ1 at every L): {text}.",
+        f"difference above twice its standard error for mIoU and δ1 at every L): {text}.",
     ]
 
 

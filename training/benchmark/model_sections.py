@@ -313,7 +313,7 @@ def dense_loss_memory(opts: BenchOptions) -> list[dict[str, Any]]:
         ).requires_grad_(True)
         for _ in range(2)
     ]
-    for label, chunk in (("chunked (training default)", 4096), ("one chunk", batch * patches)):
+    for label, chunk in (("chunked (training default)", None), ("one chunk", batch * patches)):
         synchronize(opts.device)
         probe.reset()
         before = probe.peak_mb()
