@@ -176,8 +176,8 @@ def test_recipes_hold_the_papers_settings(size):
 
 
 def test_unknown_loss_and_option_are_config_errors():
-    with pytest.raises(ConfigError, match="local-global, global, both"):
-        parse_config(PretrainConfig, ["--dataset", "x", "--loss", "dense"])
+    with pytest.raises(ValueError, match="--loss: .*one of local-global, global, local-local"):
+        parse_config(PretrainConfig, ["--dataset", "x", "--max-steps", "1", "--loss", "dense"]).validate()
     with pytest.raises(ConfigError, match="did you mean --gather-negatives"):
         parse_config(PretrainConfig, ["--dataset", "x", "--gather-negative"])
 

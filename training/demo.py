@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from ..modeling.configuration_densecl_vit import parse_pretraining_loss
 from .config import parse_config
 from .runlog import read_json, write_json
 from .synthetic_dataset import dataset_is_complete, load_synthetic_dataset, write_dataset
@@ -87,6 +88,7 @@ class DemoSettings:
         for name, value in counts.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        parse_pretraining_loss(self.loss)
 
     def describe_model(self) -> str:
         if isinstance(self.model, Mapping):
