@@ -144,3 +144,43 @@ def test_task_models_pass_output_options_and_return_tuples(tiny, model_class):
     assert plain.attentions is None and plain.hidden_states is None
     as_tuple = model(pixels, return_dict=False)
     assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], plain.to_tuple()[0])
+
+
+def test_intermediate_size_sets_the_mlp_ratio_and_round_trips(tiny, tmp_path):
+    from densecl_vit import DenseCLViTConfig
+    from densecl_vit.hub_cards import stock
+
+    config = tiny(intermediate_size=64)
+    assert config.mlp_ratio == 2.0 and config.intermediate_size == 64
+    model = _randomized(DenseCLViTModel(config), seed=5).eval()
+    assert model.encoder.layer[0].mlp.fc1.out_features == 64
+    model.save_pretrained(tmp_path)
+    loaded = DenseCLViTConfig.from_pretrained(tmp_path)
+    assert loaded.intermediate_size == 64 and loaded.mlp_ratio == 2.0
+    # A config dict written with transformers' ViT field name instead of mlp_ratio loads too.
+    vit_shaped = {k: v for k, v in loaded.to_dict().items() if k != "mlp_ratio"}
+    assert DenseCLViTConfig.from_dict({**vit_shaped, "intermediate_size": 96}).mlp_ratio == 3.0
+    # The stock Dinov2Model has the same MLP width and output.
+    pixels = _pixels(height=32, width=32)
+    with torch.no_grad():
+        expected = model(pixels).last_hidden_state
+        got = stock.to_dinov2(DenseCLViTModel.from_pretrained(tmp_path)).eval()(pixels).last_hidden_state
+    assert (got - expected).abs().max().item() <= 1e-5
+    # A width that needs a fractional ratio keeps working here and is refused as stock for that reason.
+    assert "integer MLP ratio" in stock.unavailable_reason(DenseCLViTModel(tiny(intermediate_size=80)))
+
+
+@pytest.mark.parametrize("value", [0, -32, 33.5, "64", True])
+def test_intermediate_size_without_a_sensible_ratio_is_refused_in_one_line(tiny, value):
+    with pytest.raises(ValueError, match=r"^intermediate_size .* use a positive whole number[^\n]*$"):
+        tiny(intermediate_size=value)
+    config = tiny()
+    with pytest.raises(ValueError, match="intermediate_size"):
+        config.intermediate_size = value
+    assert config.mlp_ratio == 4.0
+
+
+def test_intermediate_size_that_contradicts_mlp_ratio_is_refused(tiny):
+    with pytest.raises(ValueError, match="pass only one of them"):
+        tiny(intermediate_size=64, mlp_ratio=3.0)
+    assert tiny(intermediate_size=96, mlp_ratio=3.0).intermediate_size == 96
