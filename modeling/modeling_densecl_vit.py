@@ -26,7 +26,11 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs
 from transformers.utils.generic import can_return_tuple
-from transformers.utils.output_capturing import capture_outputs
+
+try:
+    from transformers.utils.output_capturing import capture_outputs
+except ImportError:  # transformers < 5.2 names the same decorator check_model_inputs
+    from transformers.utils.generic import check_model_inputs as capture_outputs
 
 from .configuration_densecl_vit import DenseCLViTConfig, parse_pretraining_loss
 from .losses_densecl_vit import (

@@ -184,3 +184,19 @@ def test_intermediate_size_that_contradicts_mlp_ratio_is_refused(tiny):
     with pytest.raises(ValueError, match="pass only one of them"):
         tiny(intermediate_size=64, mlp_ratio=3.0)
     assert tiny(intermediate_size=96, mlp_ratio=3.0).intermediate_size == 96
+
+
+def test_training_option_checkpoints_every_block(tiny):
+    from types import SimpleNamespace
+
+    from densecl_vit import DenseCLViTForPreTraining
+    from densecl_vit.training.engine import apply_model_options
+
+    model = DenseCLViTForPreTraining(tiny(num_hidden_layers=3, projection_hidden_size=16, projection_dim=8))
+    apply_model_options(model, SimpleNamespace(gradient_checkpointing=True, compile=False))
+    encoder = model.densecl_vit
+    assert all(layer.gradient_checkpointing for layer in encoder.encoder.layer)
+    counts = _count_layer_calls(encoder)
+    views = _pixels(batch=2, height=32, width=32)
+    model.train()(views, views.flip(-1)).loss.backward()
+    assert counts == [2, 2, 2]  # one forward, one recompute each
