@@ -8,7 +8,8 @@ transformers architectures from the repository root, so the root holds the stock
   `DepthAnythingForDepthEstimation`; see `stock`), else the remote-code form; the card says why in one line.
 - `--format stock`: the stock form at the root (no Python files, no `auto_map`); refused when there is none.
 - `--format remote-code`: `model.safetensors` (float32; sharded past `max_shard_size`, with its index),
-  `config.json` whose `auto_map` names `AutoConfig` and this model's one task class, the modeling files the model
+  `config.json` whose `auto_map` names `AutoConfig`, this model's task class and `AutoModel` (the encoder, so a task
+  release also loads as its fine-tuned encoder), the modeling files the model
   imports, `preprocessor_config.json` (its `auto_map` names `AutoImageProcessor`), and, when a stock class expresses
   the model exactly, the same model as that class under `stock/`.
 
@@ -144,9 +145,12 @@ def remote_code_files() -> list[Path]:
 
 
 def _auto_map(model: PreTrainedModel) -> dict[str, str]:
+    """The config's `auto_map`: the model's task class, and `AutoModel` -> the encoder, so that
+    `AutoModel.from_pretrained(task_release, trust_remote_code=True)` gives the fine-tuned encoder."""
     name = type(model).__name__
     return {
         "AutoConfig": "configuration_densecl_vit.DenseCLViTConfig",
+        "AutoModel": "modeling_densecl_vit.DenseCLViTModel",
         MODEL_TASKS[name].auto_class: f"modeling_densecl_vit.{name}",
     }
 

@@ -278,6 +278,8 @@ def stock_image_processor(processor: DenseCLViTImageProcessor, stock_model: PreT
         do_normalize=processor.do_normalize,
         image_mean=list(processor.image_mean),
         image_std=list(processor.image_std),
+        # Grayscale, palette and RGBA photographs become RGB first, as ours do, instead of failing on 1 or 4 channels.
+        do_convert_rgb=True,
     )
     if isinstance(stock_model, UperNetForSemanticSegmentation):
         return SegformerImageProcessor(do_reduce_labels=False, **kwargs)

@@ -46,6 +46,9 @@ class DenseCLViTConfig(PretrainedConfig):
             Number of attention heads; must divide `hidden_size`.
         mlp_ratio (`float`, *optional*, defaults to 4.0):
             Ratio of the MLP hidden width to `hidden_size`.
+        intermediate_size (`int`, *optional*):
+            MLP hidden width, transformers' ViT name for it: sets `mlp_ratio = intermediate_size / hidden_size`.
+            Reading `config.intermediate_size` gives `int(hidden_size * mlp_ratio)` either way.
         hidden_act (`str`, *optional*, defaults to `"gelu"`):
             Activation of the MLP blocks (exact erf GELU, as timm's ViT).
         layer_norm_eps (`float`, *optional*, defaults to 1e-6):
@@ -163,6 +166,7 @@ class DenseCLViTConfig(PretrainedConfig):
         max_depth: float = 10.0,
         berhu_threshold: float = 0.2,
         gradient_loss_weight: float = 0.5,
+        intermediate_size: int | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -170,6 +174,13 @@ class DenseCLViTConfig(PretrainedConfig):
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
         self.mlp_ratio = mlp_ratio
+        if intermediate_size is not None:
+            if mlp_ratio != 4.0 and int(hidden_size * mlp_ratio) != intermediate_size:
+                raise ValueError(
+                    f"intermediate_size {intermediate_size} and mlp_ratio {mlp_ratio} disagree for hidden_size "
+                    f"{hidden_size}; pass only one of them."
+                )
+            self.intermediate_size = intermediate_size
         self.hidden_act = hidden_act
         self.layer_norm_eps = layer_norm_eps
         self.image_size = image_size
@@ -213,7 +224,20 @@ class DenseCLViTConfig(PretrainedConfig):
 
     @property
     def intermediate_size(self) -> int:
+        """MLP hidden width (transformers' ViT field), kept as `mlp_ratio` so configs stay timm-shaped."""
         return int(self.hidden_size * self.mlp_ratio)
+
+    @intermediate_size.setter
+    def intermediate_size(self, value: int) -> None:
+        whole = isinstance(value, int) and not isinstance(value, bool) and value > 0
+        ratio = value / self.hidden_size if whole else None
+        # The ratio must give the width back through `int(hidden_size * mlp_ratio)`, as the MLP and timm compute it.
+        if ratio is None or int(self.hidden_size * ratio) != value:
+            raise ValueError(
+                f"intermediate_size {value!r} gives no mlp_ratio that reproduces it with hidden_size "
+                f"{self.hidden_size}; use a positive whole number such as a multiple of hidden_size."
+            )
+        self.mlp_ratio = ratio
 
     @staticmethod
     def default_out_indices(num_hidden_layers: int) -> list[int]:

@@ -14,7 +14,7 @@ This file imports only torch: it travels as Hub remote code next to the modeling
   (dense terms whose positives are the geometrically corresponding locations of two views).
 
 The contrastive losses work on log-sum-exp only and never exponentiate a logit, so bf16/fp16 embeddings
-cannot overflow; the logits are taken to float32 (or wider) after the matrix product.
+cannot overflow; every similarity product runs in float32 (float64 stays float64), autocast or not.
 """
 
 from __future__ import annotations
@@ -62,6 +62,17 @@ def _check_negatives(
 def _logits(similarity: torch.Tensor, temperature: float) -> torch.Tensor:
     """Similarities in at least float32 (float64 stays float64), divided by the temperature."""
     return similarity.to(torch.promote_types(similarity.dtype, torch.float32)) / temperature
+
+
+def _similarity_logits(equation: str, temperature: float, *operands: torch.Tensor) -> torch.Tensor:
+    """`einsum(equation, *operands) / temperature` with the product itself in at least float32, autocast or not.
+
+    Rounding the product of bf16/fp16 embeddings (or letting autocast run it in half precision) puts a logit
+    near 1 / t = 10 on a grid of 1/16 in bf16; the operands are widened first, as the local-local term does.
+    """
+    dtype = torch.promote_types(operands[0].dtype, torch.float32)
+    with torch.autocast(operands[0].device.type, enabled=False):
+        return torch.einsum(equation, *(operand.to(dtype) for operand in operands)) / temperature
 
 
 def _own_row_mask(batch_size: int, num_rows: int, batch_offset: int, device: torch.device) -> torch.Tensor:
@@ -127,9 +138,9 @@ def local_global_info_nce(
         negatives = negative_local_embeddings
 
     # (B, N): similarity of each global embedding with the patches of its own other view.
-    positives = _logits(torch.einsum("bd,bnd->bn", global_embeddings, local_embeddings), temperature)
+    positives = _similarity_logits("bd,bnd->bn", temperature, global_embeddings, local_embeddings)
     # (B, B_all, N): similarity with every patch of every image; the anchor's own image is no negative.
-    logits = _logits(torch.einsum("bd,knd->bkn", global_embeddings, negatives), temperature)
+    logits = _similarity_logits("bd,knd->bkn", temperature, global_embeddings, negatives)
     own = _own_row_mask(batch_size, negatives.shape[0], batch_offset, logits.device)
     logits = logits.masked_fill(own[:, :, None], float("-inf"))
     lse_negatives = torch.logsumexp(logits.flatten(1), dim=1)  # (B,), shared by the N positives
@@ -430,10 +441,10 @@ def global_info_nce(
         _check_negatives(negative_z1, batch_size, batch_offset, dim, "negative_z1")
 
     anchors = torch.cat([z1, z2])  # (2B, D)
-    positives = _logits((z1 * z2).sum(-1), temperature).repeat(2)  # (2B,)
+    positives = _similarity_logits("bd,bd->b", temperature, z1, z2).repeat(2)  # (2B,)
     candidates = torch.stack([negative_z1, negative_z2], dim=1)  # (B_all, 2, D)
     # (2B, B_all, 2): both views of the anchor's own image (itself and its positive) are no negatives.
-    logits = _logits(torch.einsum("ad,kvd->akv", anchors, candidates), temperature)
+    logits = _similarity_logits("ad,kvd->akv", temperature, anchors, candidates)
     own = _own_row_mask(batch_size, candidates.shape[0], batch_offset, logits.device).repeat(2, 1)
     logits = logits.masked_fill(own[:, :, None], float("-inf"))
     lse_negatives = torch.logsumexp(logits.flatten(1), dim=1)  # (2B,)

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutput,
     BaseModelOutputWithPooling,
@@ -22,7 +23,14 @@ from transformers.modeling_outputs import (
     SemanticSegmenterOutput,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs
+from transformers.utils.generic import can_return_tuple
+
+try:
+    from transformers.utils.output_capturing import capture_outputs
+except ImportError:  # transformers < 5.2 names the same decorator check_model_inputs
+    from transformers.utils.generic import check_model_inputs as capture_outputs
 
 from .configuration_densecl_vit import DenseCLViTConfig, parse_pretraining_loss
 from .losses_densecl_vit import (
@@ -142,16 +150,19 @@ class DenseCLViTAttention(nn.Module):
         self.proj_dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False
+        self, hidden_states: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, seq_len, _ = hidden_states.shape
         # (B, N, 3D) -> 3 x (B, heads, N, d)
         qkv = self.qkv(hidden_states).reshape(batch_size, seq_len, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
-        attention_interface: Callable = eager_attention_forward
-        if self.config._attn_implementation != "eager" and not output_attentions:
-            attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        # Read at every call, so that `model.set_attn_implementation(...)` switches a built model. Only the eager
+        # path computes attention probabilities, so a request for them takes it whatever the setting.
+        implementation = "eager" if kwargs.get("output_attentions") else self.config._attn_implementation
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            implementation, eager_attention_forward
+        )
         attn_output, attn_weights = attention_interface(
             self,
             query,
@@ -160,7 +171,7 @@ class DenseCLViTAttention(nn.Module):
             None,
             dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
-            is_causal=False,
+            **kwargs,
         )
         # (B, N, heads, d) -> (B, N, D)
         attn_output = self.proj_dropout(self.proj(attn_output.reshape(batch_size, seq_len, -1)))
@@ -198,8 +209,12 @@ class DenseCLViTDropPath(nn.Module):
         return f"p={self.drop_prob}"
 
 
-class DenseCLViTLayer(nn.Module):
-    """Pre-norm Transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+class DenseCLViTLayer(GradientCheckpointingLayer):
+    """Pre-norm Transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)).
+
+    As a `GradientCheckpointingLayer`, it recomputes itself in the backward pass when
+    `model.gradient_checkpointing_enable(...)` selected it (every layer, or every n-th one).
+    """
 
     def __init__(self, config: DenseCLViTConfig, drop_path_rate: float = 0.0):
         super().__init__()
@@ -209,13 +224,10 @@ class DenseCLViTLayer(nn.Module):
         self.mlp = DenseCLViTMLP(config)
         self.drop_path = DenseCLViTDropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
 
-    def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attn_output, attn_weights = self.attention(self.norm1(hidden_states), output_attentions)
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
+        attn_output, _ = self.attention(self.norm1(hidden_states), **kwargs)
         hidden_states = hidden_states + self.drop_path(attn_output)
-        hidden_states = hidden_states + self.drop_path(self.mlp(self.norm2(hidden_states)))
-        return hidden_states, attn_weights
+        return hidden_states + self.drop_path(self.mlp(self.norm2(hidden_states)))
 
 
 class DenseCLViTEncoder(nn.Module):
@@ -225,30 +237,14 @@ class DenseCLViTEncoder(nn.Module):
         # Linear stochastic-depth schedule: 0 for the first block, drop_path_rate for the last.
         rates = [config.drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.layer = nn.ModuleList([DenseCLViTLayer(config, rate) for rate in rates])
+        # Reports whether checkpointing is on (`gradient_checkpointing_enable` sets it); the layers checkpoint themselves.
         self.gradient_checkpointing = False
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
-    ) -> BaseModelOutput:
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
-        all_attentions = () if output_attentions else None
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> BaseModelOutput:
+        # Hidden states and attentions are recorded by the hooks of `capture_outputs` on the model.
         for layer in self.layer:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                hidden_states, attn_weights = self._gradient_checkpointing_func(
-                    layer.__call__, hidden_states, output_attentions
-                )
-            else:
-                hidden_states, attn_weights = layer(hidden_states, output_attentions)
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            if output_attentions:
-                all_attentions += (attn_weights,)
-        return BaseModelOutput(
-            last_hidden_state=hidden_states, hidden_states=all_hidden_states, attentions=all_attentions
-        )
+            hidden_states = layer(hidden_states, **kwargs)
+        return BaseModelOutput(last_hidden_state=hidden_states)
 
 
 class DenseCLViTPreTrainedModel(PreTrainedModel):
@@ -263,6 +259,8 @@ class DenseCLViTPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # What `capture_outputs` records: each block's output (after the embeddings) and each attention's probabilities.
+    _can_record_outputs = {"hidden_states": DenseCLViTLayer, "attentions": DenseCLViTAttention}
 
     def _init_weights(self, module: nn.Module) -> None:
         """timm/ViT initialisation: truncated normal (std = initializer_range) for weights and embeddings."""
@@ -305,13 +303,9 @@ class DenseCLViTModel(DenseCLViTPreTrainedModel):
             -1
         ] // self.config.patch_size
 
+    @capture_outputs(tie_last_hidden_states=False)
     def forward(
-        self,
-        pixel_values: torch.Tensor,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
+        self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
     ) -> BaseModelOutputWithPooling | tuple:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
@@ -321,24 +315,11 @@ class DenseCLViTModel(DenseCLViTPreTrainedModel):
         output_attentions (`bool`, *optional*):
             Return the attention probabilities of every block (computed by the eager path).
         """
-        if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
-        if output_attentions is None:
-            output_attentions = self.config.output_attentions
-        if return_dict is None:
-            return_dict = self.config.return_dict
-        embeddings = self.embeddings(pixel_values)
-        encoder_outputs = self.encoder(
-            embeddings, output_hidden_states=output_hidden_states, output_attentions=output_attentions
-        )
+        encoder_outputs = self.encoder(self.embeddings(pixel_values), **kwargs)
         sequence_output = self.layernorm(encoder_outputs.last_hidden_state)
-        output = BaseModelOutputWithPooling(
-            last_hidden_state=sequence_output,
-            pooler_output=sequence_output[:, 0],
-            hidden_states=encoder_outputs.hidden_states,
-            attentions=encoder_outputs.attentions,
+        return BaseModelOutputWithPooling(
+            last_hidden_state=sequence_output, pooler_output=sequence_output[:, 0]
         )
-        return output if return_dict else output.to_tuple()
 
 
 def patch_tokens_to_map(tokens: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
@@ -392,6 +373,14 @@ class DenseCLViTPreTrainingOutput(ModelOutput):
             Projected [CLS] embedding of the second view.
         local_embeddings_2 (`torch.FloatTensor` of shape `(batch_size, num_patches_2, projection_dim)`, *optional*):
             Projected patch embeddings of the second view.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+            The encoder's embeddings and block outputs for the first view, `L + 1` tensors `(B, 1 + N, D)`.
+        attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+            The attention probabilities of every block for the first view, `(B, heads, 1 + N, 1 + N)` each.
+        hidden_states_2 (`tuple(torch.FloatTensor)`, *optional*):
+            The same as `hidden_states` for the second view.
+        attentions_2 (`tuple(torch.FloatTensor)`, *optional*):
+            The same as `attentions` for the second view.
     """
 
     loss: torch.FloatTensor | None = None
@@ -399,6 +388,10 @@ class DenseCLViTPreTrainingOutput(ModelOutput):
     local_embeddings: torch.FloatTensor | None = None
     global_embeddings_2: torch.FloatTensor | None = None
     local_embeddings_2: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    hidden_states_2: tuple[torch.FloatTensor, ...] | None = None
+    attentions_2: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -417,6 +410,26 @@ class DenseCLViTViewGeometry:
         return self.crop_boxes, self.flips, self.crop_boxes_2, self.flips_2
 
 
+def split_views(
+    outputs: BaseModelOutputWithPooling,
+) -> tuple[BaseModelOutputWithPooling, BaseModelOutputWithPooling]:
+    """The encoder's output for a (2B, ...) batch of both views -> one output per view, every tensor halved."""
+
+    def halves(tensors: tuple[torch.Tensor, ...] | None) -> tuple[tuple | None, tuple | None]:
+        if tensors is None:
+            return None, None
+        first, second = zip(*(tensor.chunk(2) for tensor in tensors))
+        return first, second
+
+    hidden_1, hidden_2 = halves(outputs.hidden_states)
+    attentions_1, attentions_2 = halves(outputs.attentions)
+    last_1, last_2 = outputs.last_hidden_state.chunk(2)
+    return (
+        BaseModelOutputWithPooling(last_hidden_state=last_1, hidden_states=hidden_1, attentions=attentions_1),
+        BaseModelOutputWithPooling(last_hidden_state=last_2, hidden_states=hidden_2, attentions=attentions_2),
+    )
+
+
 class DenseCLViTForPreTraining(DenseCLViTPreTrainedModel):
     """Encoder + projection head trained by `config.pretraining_loss`: the paper's local-to-global loss by default,
     or a weighted sum with the global InfoNCE baseline and the dense local-to-local term."""
@@ -427,11 +440,16 @@ class DenseCLViTForPreTraining(DenseCLViTPreTrainedModel):
         self.projection = DenseCLViTProjectionHead(config)
         self.post_init()
 
-    def embed(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images (B, 3, H, W) -> normalised global (B, P) and local (B, N, P) embeddings."""
-        tokens = self.densecl_vit(pixel_values, return_dict=True).last_hidden_state  # (B, 1 + N, D)
-        embeddings = nn.functional.normalize(self.projection(tokens), dim=-1)  # (B, 1 + N, P)
-        return embeddings[:, 0], embeddings[:, 1:]
+    def embed(
+        self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> tuple[torch.Tensor, torch.Tensor, BaseModelOutputWithPooling]:
+        """Images (B, 3, H, W) -> normalised global (B, P) and local (B, N, P) embeddings, and the encoder's output
+        (which carries hidden states and attentions when `kwargs` ask for them)."""
+        outputs = self.densecl_vit(pixel_values, **kwargs)
+        embeddings = nn.functional.normalize(
+            self.projection(outputs.last_hidden_state), dim=-1
+        )  # (B, 1 + N, P)
+        return embeddings[:, 0], embeddings[:, 1:], outputs
 
     def contrastive_loss(
         self,
@@ -503,6 +521,7 @@ class DenseCLViTForPreTraining(DenseCLViTPreTrainedModel):
             losses.append(loss if weight == 1.0 else weight * loss)
         return sum(losses[1:], losses[0])
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -511,7 +530,7 @@ class DenseCLViTForPreTraining(DenseCLViTPreTrainedModel):
         flips: torch.Tensor | None = None,
         crop_boxes_2: torch.Tensor | None = None,
         flips_2: torch.Tensor | None = None,
-        return_dict: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> DenseCLViTPreTrainingOutput | tuple:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
@@ -527,12 +546,12 @@ class DenseCLViTForPreTraining(DenseCLViTPreTrainedModel):
             Crop box of the second view.
         flips_2 (`torch.BoolTensor` of shape `(batch_size,)`, *optional*):
             Flips of the second view.
+        output_hidden_states, output_attentions (`bool`, *optional*):
+            Return the encoder's hidden states and attentions, per view.
         """
-        if return_dict is None:
-            return_dict = self.config.return_dict
-        global_2 = local_2 = loss = None
+        global_2 = local_2 = loss = outputs_2 = None
         if pixel_values_2 is None:
-            global_1, local_1 = self.embed(pixel_values)
+            global_1, local_1, outputs_1 = self.embed(pixel_values, **kwargs)
         else:
             if pixel_values_2.shape[0] != pixel_values.shape[0]:
                 raise ValueError(
@@ -540,12 +559,15 @@ class DenseCLViTForPreTraining(DenseCLViTPreTrainedModel):
                 )
             if pixel_values.shape == pixel_values_2.shape:
                 # One encoder pass over (2B, 3, H, W), split back into the two views afterwards.
-                global_both, local_both = self.embed(torch.cat([pixel_values, pixel_values_2]))
+                global_both, local_both, outputs_both = self.embed(
+                    torch.cat([pixel_values, pixel_values_2]), **kwargs
+                )
                 global_1, global_2 = global_both.chunk(2)
                 local_1, local_2 = local_both.chunk(2)
+                outputs_1, outputs_2 = split_views(outputs_both)
             else:
-                global_1, local_1 = self.embed(pixel_values)
-                global_2, local_2 = self.embed(pixel_values_2)
+                global_1, local_1, outputs_1 = self.embed(pixel_values, **kwargs)
+                global_2, local_2, outputs_2 = self.embed(pixel_values_2, **kwargs)
             geometry = None
             if (
                 crop_boxes is not None
@@ -563,14 +585,17 @@ class DenseCLViTForPreTraining(DenseCLViTPreTrainedModel):
                     (pixel_values_2.shape[-2] // patch, pixel_values_2.shape[-1] // patch),
                 )
             loss = self.contrastive_loss(global_1, local_1, global_2, local_2, geometry)
-        output = DenseCLViTPreTrainingOutput(
+        return DenseCLViTPreTrainingOutput(
             loss=loss,
             global_embeddings=global_1,
             local_embeddings=local_1,
             global_embeddings_2=global_2,
             local_embeddings_2=local_2,
+            hidden_states=outputs_1.hidden_states,
+            attentions=outputs_1.attentions,
+            hidden_states_2=outputs_2.hidden_states if outputs_2 is not None else None,
+            attentions_2=outputs_2.attentions if outputs_2 is not None else None,
         )
-        return output if return_dict else output.to_tuple()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -870,13 +895,13 @@ class DenseCLViTForSemanticSegmentation(DenseCLViTPreTrainedModel):
             logits, labels.long(), ignore_index=self.config.semantic_loss_ignore_index
         )
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> SemanticSegmenterOutput | tuple:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
@@ -886,8 +911,6 @@ class DenseCLViTForSemanticSegmentation(DenseCLViTPreTrainedModel):
         """
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        if return_dict is None:
-            return_dict = self.config.return_dict
         size = tuple(pixel_values.shape[-2:])
         if labels is not None:
             if self.num_labels < 2:
@@ -900,10 +923,7 @@ class DenseCLViTForSemanticSegmentation(DenseCLViTPreTrainedModel):
                     f"got {tuple(labels.shape)}."
                 )
         outputs = self.densecl_vit(
-            pixel_values,
-            output_hidden_states=output_hidden_states or self.decode_head is not None,
-            output_attentions=output_attentions,
-            return_dict=True,
+            pixel_values, output_hidden_states=output_hidden_states or self.decode_head is not None, **kwargs
         )
         grid_size = self.densecl_vit.patch_grid(pixel_values)
         levels = None
@@ -924,13 +944,12 @@ class DenseCLViTForSemanticSegmentation(DenseCLViTPreTrainedModel):
                 loss = loss + self.config.auxiliary_loss_weight * self.segmentation_loss(
                     auxiliary_logits, labels
                 )
-        output = SemanticSegmenterOutput(
+        return SemanticSegmenterOutput(
             loss=loss,
             logits=logits,
             hidden_states=outputs.hidden_states if output_hidden_states else None,
             attentions=outputs.attentions,
         )
-        return output if return_dict else output.to_tuple()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -998,13 +1017,13 @@ class DenseCLViTForDepthEstimation(DenseCLViTPreTrainedModel):
         berhu = berhu_loss(predicted_depth, target, valid, threshold=self.config.berhu_threshold)
         return berhu + self.config.gradient_loss_weight * gradient_loss(predicted_depth, target, valid)
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> DepthEstimatorOutput | tuple:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
@@ -1015,8 +1034,6 @@ class DenseCLViTForDepthEstimation(DenseCLViTPreTrainedModel):
         """
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        if return_dict is None:
-            return_dict = self.config.return_dict
         size = tuple(pixel_values.shape[-2:])
         if labels is not None and labels.shape != (pixel_values.shape[0], *size):
             raise ValueError(
@@ -1025,19 +1042,17 @@ class DenseCLViTForDepthEstimation(DenseCLViTPreTrainedModel):
         outputs = self.densecl_vit(
             pixel_values,
             output_hidden_states=output_hidden_states or self.config.depth_head != "linear",
-            output_attentions=output_attentions,
-            return_dict=True,
+            **kwargs,
         )
         predicted_depth = self.depth_from_features(outputs, self.densecl_vit.patch_grid(pixel_values), size)
 
         loss = self.depth_loss(predicted_depth, labels) if labels is not None else None
-        output = DepthEstimatorOutput(
+        return DepthEstimatorOutput(
             loss=loss,
             predicted_depth=predicted_depth,
             hidden_states=outputs.hidden_states if output_hidden_states else None,
             attentions=outputs.attentions,
         )
-        return output if return_dict else output.to_tuple()
 
 
 __all__ = [

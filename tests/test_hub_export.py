@@ -159,6 +159,15 @@ with torch.no_grad():
     out["seg_logits"] = seg.model(pixel_values).logits
 depth = pipeline("depth-estimation", model=root + "/releases/depth", trust_remote_code=True)
 out["depth"] = depth(coffee)["predicted_depth"]
+# A task release's auto_map also gives its fine-tuned encoder to AutoModel.
+for name in ("seg-code", "depth"):
+    try:
+        encoder = AutoModel.from_pretrained(root + "/releases/" + name, trust_remote_code=True).eval()
+    except ValueError as error:  # kept for the test of this load to show, instead of failing every test here
+        out[name, "encoder"] = (str(error), None)
+        continue
+    with torch.no_grad():
+        out[name, "encoder"] = (type(encoder).__name__, encoder(pixel_values).last_hidden_state)
 
 # Stock classes, without trust_remote_code: plain Auto classes on both photographs at the saved (non-square) size
 # and a square one, then pipeline(...) with the PIL processor and with the default one (what the widget runs).
@@ -328,7 +337,32 @@ def _config(folder):
     return json.loads((folder / "config.json").read_text())
 
 
-def test_remote_code_folders_name_only_their_task_class(runs):
+def test_task_release_loads_its_encoder_with_auto_model(runs, fresh):
+    pixel_values = torch.load(runs.root / "pixel_values.pt")
+    for name, model in (("seg-code", runs.seg), ("depth", runs.depth)):
+        class_name, tokens = fresh[name, "encoder"]
+        assert class_name == "DenseCLViTModel"
+        with torch.no_grad():
+            torch.testing.assert_close(tokens, model.densecl_vit(pixel_values).last_hidden_state)
+
+
+@pytest.mark.parametrize("name", ["enc", "seg", "dpt"])
+@pytest.mark.parametrize("backend", ["pil", None])
+def test_stock_processors_take_grayscale_and_rgba_photographs(runs, name, backend):
+    from transformers import AutoImageProcessor
+
+    kwargs = {"backend": backend} if backend else {}
+    processor = AutoImageProcessor.from_pretrained(runs.out / name, **kwargs)
+    photo = Image.open(runs.astronaut)
+    for mode in ("L", "RGBA"):
+        image = photo.convert(mode)
+        got = processor(image, return_tensors="pt")["pixel_values"]
+        expected = processor(image.convert("RGB"), return_tensors="pt")["pixel_values"]
+        assert got.shape == (1, 3, *SIZE.values())
+        torch.testing.assert_close(got, expected)
+
+
+def test_remote_code_folders_name_their_task_class_and_the_encoder(runs):
     expected = {
         "enc-code": ("AutoModel", "DenseCLViTModel"),
         "seg-code": ("AutoModelForSemanticSegmentation", "DenseCLViTForSemanticSegmentation"),
@@ -340,6 +374,7 @@ def test_remote_code_folders_name_only_their_task_class(runs):
         folder = runs.out / name
         assert _config(folder)["auto_map"] == {
             "AutoConfig": "configuration_densecl_vit.DenseCLViTConfig",
+            "AutoModel": "modeling_densecl_vit.DenseCLViTModel",
             auto_class: f"modeling_densecl_vit.{model_class}",
         }
         processor = json.loads((folder / "preprocessor_config.json").read_text())

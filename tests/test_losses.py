@@ -276,3 +276,30 @@ def test_loss_file_imports_only_torch():
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module or "." for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert {name.split(".")[0] for name in imported} <= {"torch", "__future__"}, imported
+
+
+def _patch_like(batch: int, patches: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 [CLS] (B, D) and patch (B, N, D) embeddings whose tokens share their image's direction (cosines ~0.8)."""
+    generator = torch.Generator().manual_seed(seed)
+    centre = torch.randn(batch, 1, 64, generator=generator)
+    tokens = F.normalize(centre + 0.5 * torch.randn(batch, patches + 1, 64, generator=generator), dim=-1)
+    tokens = tokens.bfloat16()
+    return tokens[:, 0], tokens[:, 1:]
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_half_precision_similarities_are_taken_in_float32(autocast):
+    # The same bf16-rounded embeddings in float64 give the reference: only the product's precision differs. A bf16
+    # product puts logits near 1 / t = 10 on a 1/16 grid, off by ~2e-4 (local-global) and ~1e-3 (global) here.
+    g1, l1 = _patch_like(4, 4, seed=30)
+    g2, l2 = _patch_like(4, 4, seed=31)
+    views = (g1, l1, g2, l2)
+    want_local = symmetric_local_global_loss(*(v.double() for v in views), temperature=0.1)
+    want_global = global_info_nce(g1.double(), g2.double(), temperature=0.1)
+    inputs = [v.float() for v in views] if autocast else views  # float32 under bf16 autocast, or bf16 tensors
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        got_local = symmetric_local_global_loss(*inputs, temperature=0.1)
+        got_global = global_info_nce(inputs[0], inputs[2], temperature=0.1)
+    assert got_local.dtype == got_global.dtype == torch.float32
+    assert abs(got_local.item() - want_local.item()) <= 1e-5
+    assert abs(got_global.item() - want_global.item()) <= 1e-5

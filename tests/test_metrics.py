@@ -129,6 +129,49 @@ def test_evaluate_module_add_batch_matches_loop_reference(reduce_labels):
     assert_segmentation_close(results, expected)
 
 
+def map_labels_by_loop(label, label_map):
+    """The Hub's `label_map`, pixel by pixel: each pixel's original id looked up once."""
+    mapped = label.astype(np.int64).copy()
+    for index in np.ndindex(label.shape):
+        mapped[index] = label_map.get(int(label[index]), int(label[index]))
+    return mapped
+
+
+@pytest.mark.parametrize("reduce_labels", [False, True])
+def test_evaluate_module_label_map_and_nan_to_num_match_loop_reference(reduce_labels):
+    predictions, labels = make_label_maps(reduce_labels, seed=2)
+    # Swap two classes (a chained replacement would merge them) and send one to the ignore index.
+    offset = 1 if reduce_labels else 0
+    label_map = {1 + offset: 2 + offset, 2 + offset: 1 + offset, 6 + offset: IGNORE}
+    expected = reference_segmentation(
+        predictions, [map_labels_by_loop(label, label_map) for label in labels], 8, reduce_labels
+    )
+    assert np.isnan(expected["per_category_iou"][4]) and np.isnan(expected["per_category_accuracy"][6])
+    metric = load_metric("mean_iou", keep_in_memory=True)
+    results = metric.compute(
+        predictions=predictions,
+        references=labels,
+        num_labels=8,
+        ignore_index=IGNORE,
+        reduce_labels=reduce_labels,
+        label_map=label_map,
+    )
+    assert_segmentation_close(results, expected)
+
+    filled = {key: np.nan_to_num(value, nan=-1.0) for key, value in expected.items()}
+    results = metric.compute(
+        predictions=predictions,
+        references=labels,
+        num_labels=8,
+        ignore_index=IGNORE,
+        reduce_labels=reduce_labels,
+        label_map={str(k): v for k, v in label_map.items()},  # as read back from JSON
+        nan_to_num=-1,
+    )
+    assert_segmentation_close(results, filled)
+    assert results["per_category_iou"][4] == -1 and results["per_category_accuracy"][6] == -1
+
+
 # Example from the docstring of the Hub's `mean_iou` metric (huggingface/evaluate, metrics/mean_iou/mean_iou.py).
 HUB_PREDICTIONS = [
     np.array([[1, 2], [3, 4], [5, 255]]),

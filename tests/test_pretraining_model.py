@@ -128,7 +128,9 @@ def test_local_local_without_geometry_says_what_to_pass(tiny):
         model(*_views())
 
 
-@pytest.mark.parametrize("spec", ["local", "local-global+local-global", "-1*global", "x*global", "inf*global", ""])
+@pytest.mark.parametrize(
+    "spec", ["local", "local-global+local-global", "-1*global", "x*global", "inf*global", ""]
+)
 def test_config_refuses_bad_loss_compositions(tiny, spec):
     with pytest.raises(ValueError, match="pretraining_loss"):
         tiny(pretraining_loss=spec)
@@ -239,3 +241,29 @@ def test_negatives_stay_local_without_the_option(tiny, monkeypatch):
     with torch.no_grad():
         model(*_views())
     assert calls == []
+
+
+@pytest.mark.parametrize("size_2", [32, 24])  # one batched encoder pass, and one pass per view
+def test_hidden_states_and_attentions_are_returned_per_view(tiny, size_2):
+    model = _model(tiny, pretraining_loss="local-global+local-local", attn_implementation="eager")
+    view_1, view_2 = _views(32, size_2)
+    with torch.no_grad():
+        out = model(view_1, view_2, **GEOMETRY, output_hidden_states=True, output_attentions=True)
+        plain = model(view_1, view_2, **GEOMETRY)
+        alone = [
+            model.densecl_vit(v, output_hidden_states=True, output_attentions=True) for v in (view_1, view_2)
+        ]
+    # The geometry still feeds the local-local term: the loss is the one computed without the extra outputs.
+    torch.testing.assert_close(out.loss, plain.loss)
+    assert plain.hidden_states is plain.attentions is plain.hidden_states_2 is plain.attentions_2 is None
+    for got, expected in ((out.hidden_states, alone[0]), (out.hidden_states_2, alone[1])):
+        assert len(got) == 3  # embeddings + 2 blocks
+        for tensor, reference in zip(got, expected.hidden_states):
+            torch.testing.assert_close(tensor, reference, atol=1e-5, rtol=1e-5)
+    for got, expected in ((out.attentions, alone[0]), (out.attentions_2, alone[1])):
+        assert len(got) == 2
+        for tensor, reference in zip(got, expected.attentions):
+            torch.testing.assert_close(tensor, reference, atol=1e-5, rtol=1e-5)
+    as_tuple = model(view_1, view_2, **GEOMETRY, output_hidden_states=True, return_dict=False)
+    torch.testing.assert_close(as_tuple[0], plain.loss)
+    assert len(as_tuple) == 7  # loss, 4 embeddings, hidden states of view 1, of view 2

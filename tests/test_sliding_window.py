@@ -23,26 +23,39 @@ def _contextual_forward_fn(seed: int = 0):
     return forward_fn
 
 
-def _reference_slide(forward_fn, images, window, stride):
-    """mmseg's slide_inference, one window at a time over the whole batch, with padding to the window."""
-    (window_h, window_w), (stride_h, stride_w) = window, stride
-    _, _, height, width = images.shape
-    images = F.pad(images, (0, max(window_w - width, 0), 0, max(window_h - height, 0)))
-    padded_h, padded_w = images.shape[-2:]
-    h_grids = max(padded_h - window_h + stride_h - 1, 0) // stride_h + 1
-    w_grids = max(padded_w - window_w + stride_w - 1, 0) // stride_w + 1
-    preds = torch.zeros(images.shape[0], NUM_LABELS, padded_h, padded_w)
-    count = torch.zeros(images.shape[0], 1, padded_h, padded_w)
+def _reference_slide(forward_fn, images, window, stride, size_multiple=1):
+    """mmseg's slide_inference, one window at a time over the whole batch: the crop is clipped to the image, and
+    (for a model that needs multiples of `size_multiple`) padded at the bottom/right and its logits cropped back."""
+    (h_crop, w_crop), (h_stride, w_stride) = window, stride
+    _, _, h_img, w_img = images.shape
+    h_grids = max(h_img - h_crop + h_stride - 1, 0) // h_stride + 1
+    w_grids = max(w_img - w_crop + w_stride - 1, 0) // w_stride + 1
+    preds = torch.zeros(images.shape[0], NUM_LABELS, h_img, w_img)
+    count = torch.zeros(images.shape[0], 1, h_img, w_img)
     for h_idx in range(h_grids):
         for w_idx in range(w_grids):
-            y2 = min(h_idx * stride_h + window_h, padded_h)
-            x2 = min(w_idx * stride_w + window_w, padded_w)
-            y1, x1 = max(y2 - window_h, 0), max(x2 - window_w, 0)
-            crop_logits = forward_fn(images[:, :, y1:y2, x1:x2])
-            preds += F.pad(crop_logits, (x1, padded_w - x2, y1, padded_h - y2))
+            y1, x1 = h_idx * h_stride, w_idx * w_stride
+            y2, x2 = min(y1 + h_crop, h_img), min(x1 + w_crop, w_img)
+            y1, x1 = max(y2 - h_crop, 0), max(x2 - w_crop, 0)
+            crop = images[:, :, y1:y2, x1:x2]
+            pad_h = (size_multiple - crop.shape[-2] % size_multiple) % size_multiple
+            pad_w = (size_multiple - crop.shape[-1] % size_multiple) % size_multiple
+            crop_logits = forward_fn(F.pad(crop, (0, pad_w, 0, pad_h)))[:, :, : y2 - y1, : x2 - x1]
+            preds += F.pad(crop_logits, (x1, w_img - x2, y1, h_img - y2))
             count[:, :, y1:y2, x1:x2] += 1
     assert (count > 0).all()
-    return (preds / count)[:, :, :height, :width]
+    return preds / count
+
+
+def _patch_model_forward_fn(patch: int = 8):
+    """A model that takes only multiples of `patch` and whose logits depend on any padding (crop mean, ramp)."""
+    contextual = _contextual_forward_fn(seed=2)
+
+    def forward_fn(x: torch.Tensor) -> torch.Tensor:
+        assert x.shape[-2] % patch == 0 and x.shape[-1] % patch == 0, x.shape
+        return contextual(x)
+
+    return forward_fn
 
 
 @pytest.mark.parametrize(
@@ -87,13 +100,37 @@ def test_window_equal_to_image_equals_whole_call():
     torch.testing.assert_close(slid, whole)
 
 
-def test_small_image_is_padded_to_the_window_and_cropped_back():
+def test_image_smaller_than_the_window_runs_as_itself():
+    # As mmseg's slide inference: the window is clipped to the image, no zero padding reaches the model.
     forward_fn = _contextual_forward_fn()
     images = torch.randn(2, 3, 20, 30)
     with torch.no_grad():
         slid = sliding_window_logits(forward_fn, images, NUM_LABELS, window=32, stride=21)
-        expected = forward_fn(F.pad(images, (0, 2, 0, 12)))[:, :, :20, :30]
+        expected = forward_fn(images)
+        padded_to_window = forward_fn(F.pad(images, (0, 2, 0, 12)))[:, :, :20, :30]
     assert slid.shape == (2, NUM_LABELS, 20, 30)
+    torch.testing.assert_close(slid, expected)
+    assert (slid - padded_to_window).abs().max() > 1e-2  # the model does depend on padding
+
+
+def test_patch_model_gets_the_smallest_pad_to_a_multiple():
+    forward_fn = _patch_model_forward_fn(patch=8)
+    images = torch.randn(2, 3, 20, 30)
+    with torch.no_grad():
+        slid = sliding_window_logits(forward_fn, images, NUM_LABELS, window=32, stride=21, size_multiple=8)
+        expected = forward_fn(F.pad(images, (0, 2, 0, 4)))[:, :, :20, :30]  # 24 x 32, not the 32 x 32 window
+    torch.testing.assert_close(slid, expected)
+
+
+@pytest.mark.parametrize(("height", "width"), [(20, 70), (70, 20), (45, 37)])
+def test_patch_model_matches_reference_where_one_side_is_short(height, width):
+    forward_fn = _patch_model_forward_fn(patch=8)
+    images = torch.randn(2, 3, height, width)
+    with torch.no_grad():
+        slid = sliding_window_logits(
+            forward_fn, images, NUM_LABELS, 32, 21, crops_per_batch=3, size_multiple=8
+        )
+        expected = _reference_slide(forward_fn, images, (32, 32), (21, 21), size_multiple=8)
     torch.testing.assert_close(slid, expected)
 
 
@@ -136,3 +173,20 @@ def test_bad_arguments_raise():
         sliding_window_logits(conv, images, NUM_LABELS + 1, window=8, stride=4)
     with pytest.raises(ValueError, match="pixel_values"):
         sliding_window_logits(conv, images[0], NUM_LABELS, window=8, stride=4)
+    with pytest.raises(ValueError, match="size_multiple"):
+        sliding_window_logits(conv, images, NUM_LABELS, window=8, stride=4, size_multiple=0)
+
+
+def test_segmentation_logits_pads_a_clipped_window_to_the_patch_size(tiny):
+    from densecl_vit import DenseCLViTForSemanticSegmentation
+    from densecl_vit.training.segmentation_eval import segmentation_logits
+
+    torch.manual_seed(3)
+    model = DenseCLViTForSemanticSegmentation(tiny(num_labels=NUM_LABELS)).eval()  # patch 8
+    images = torch.randn(
+        2, 3, 20, 36
+    )  # 20 rows: one window of 20, padded to 24; 36 columns: two windows of 32
+    with torch.no_grad():
+        slid = segmentation_logits(model, images, window=32, stride=16)
+        expected = _reference_slide(lambda x: model(pixel_values=x).logits, images, (32, 32), (16, 16), 8)
+    torch.testing.assert_close(slid, expected)

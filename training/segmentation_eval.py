@@ -50,7 +50,12 @@ def segmentation_logits(
     if window is None:
         return model(pixel_values=pixel_values).logits.float()
     forward = lambda crops: model(pixel_values=crops).logits  # noqa: E731
-    return sliding_window_logits(forward, pixel_values, model.config.num_labels, window, stride or window)
+    # A window clipped to a small image is padded to the patch size (UperNet keeps it in its backbone's config).
+    backbone = getattr(model.config, "backbone_config", None)
+    patch = getattr(model.config, "patch_size", None) or getattr(backbone, "patch_size", 1)
+    return sliding_window_logits(
+        forward, pixel_values, model.config.num_labels, window, stride or window, size_multiple=patch
+    )
 
 
 def confusion_counts(

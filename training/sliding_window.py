@@ -2,9 +2,10 @@
 
 Windows of a fixed size step over the image by a fixed stride; the last window of each row and column is
 aligned to the image border, so the windows cover every pixel. Each pixel's logits are the mean over the
-windows that contain it. An image smaller than the window along a side is zero-padded at the bottom/right to
-the window size (zero is the mean colour after normalisation) and the logits are cropped back, as mmseg's
-test-time padding does.
+windows that contain it. Along a side shorter than the window, the window is clipped to the image (one window
+spans that side), as mmseg's `slide_inference` does, so the model sees the image itself and no padding. A model
+that takes only multiples of a size (a ViT's patch size) gets each crop zero-padded at the bottom/right to the
+next multiple (zero is the mean colour after normalisation) and its logits cropped back.
 """
 
 from collections.abc import Callable
@@ -46,17 +47,21 @@ def sliding_window_logits(
     window: int | tuple[int, int] = 512,
     stride: int | tuple[int, int] = 341,
     crops_per_batch: int = 8,
+    size_multiple: int = 1,
 ) -> torch.Tensor:
     """Average the logits of overlapping windows over each image.
 
     Args:
-        forward_fn: maps crops (n, 3, window_h, window_w) to logits (n, num_labels, window_h, window_w),
-            e.g. `lambda x: model(pixel_values=x).logits`. Call this under `torch.inference_mode()`.
+        forward_fn: maps crops (n, 3, h, w) to logits (n, num_labels, h, w), e.g.
+            `lambda x: model(pixel_values=x).logits`; h, w are the window clipped to the image, rounded up to
+            `size_multiple`. Call this under `torch.inference_mode()`.
         pixel_values: normalised images (B, 3, H, W); H and W need not be equal or multiples of anything.
         num_labels: number of classes C.
-        window: window size, an int or (height, width).
+        window: window size, an int or (height, width); clipped to the image along a shorter side.
         stride: step between windows, an int or (height, width), at most the window size.
         crops_per_batch: how many crops (over windows and images) go through `forward_fn` at once.
+        size_multiple: crop sides `forward_fn` accepts are multiples of this (the patch size of a ViT); a crop
+            that is not is zero-padded at the bottom/right to the next multiple and its logits cropped back.
 
     Returns:
         float32 logits (B, C, H, W) on the device of `pixel_values`.
@@ -69,30 +74,36 @@ def sliding_window_logits(
         raise ValueError(f"stride {stride} exceeds window {window}; use a stride no larger than the window")
     if crops_per_batch < 1:
         raise ValueError(f"crops_per_batch must be at least 1, got {crops_per_batch}")
+    if not isinstance(size_multiple, int) or size_multiple < 1:
+        raise ValueError(f"size_multiple must be a positive int (the patch size), got {size_multiple}")
     batch_size, _, height, width = pixel_values.shape
-    # (B, 3, H, W) -> (B, 3, H', W') with H' >= window_h and W' >= window_w.
-    padded = F.pad(pixel_values, (0, max(window_w - width, 0), 0, max(window_h - height, 0)))
-    padded_h, padded_w = padded.shape[-2:]
-    positions = window_positions(padded_h, padded_w, (window_h, window_w), (stride_h, stride_w))
+    # mmseg clips the crop to the image: a side shorter than the window is covered by one window of its size.
+    window_h, window_w = min(window_h, height), min(window_w, width)
+    positions = window_positions(height, width, (window_h, window_w), (stride_h, stride_w))
+    # The smallest bottom/right padding that makes each crop a multiple of size_multiple.
+    pad_h, pad_w = -window_h % size_multiple, -window_w % size_multiple
 
-    logits = padded.new_zeros((batch_size, num_labels, padded_h, padded_w), dtype=torch.float32)
-    counts = padded.new_zeros((padded_h, padded_w), dtype=torch.float32)
+    logits = pixel_values.new_zeros((batch_size, num_labels, height, width), dtype=torch.float32)
+    counts = pixel_values.new_zeros((height, width), dtype=torch.float32)
     for top, left in positions:
         counts[top : top + window_h, left : left + window_w] += 1
 
     crops = [(top, left, image) for top, left in positions for image in range(batch_size)]
-    expected_shape = (num_labels, window_h, window_w)
+    expected_shape = (num_labels, window_h + pad_h, window_w + pad_w)
     for start in range(0, len(crops), crops_per_batch):
         chunk = crops[start : start + crops_per_batch]
         inputs = torch.stack(
-            [padded[image, :, top : top + window_h, left : left + window_w] for top, left, image in chunk]
+            [
+                pixel_values[image, :, top : top + window_h, left : left + window_w]
+                for top, left, image in chunk
+            ]
         )
-        outputs = forward_fn(inputs)
+        outputs = forward_fn(F.pad(inputs, (0, pad_w, 0, pad_h)) if pad_h or pad_w else inputs)
         if tuple(outputs.shape) != (len(chunk), *expected_shape):
             raise ValueError(
-                f"forward_fn returned shape {tuple(outputs.shape)} for crops {tuple(inputs.shape)}; "
-                f"it must return logits (n, num_labels={num_labels}, {window_h}, {window_w})"
+                f"forward_fn returned shape {tuple(outputs.shape)} for crops of {tuple(expected_shape[1:])}; "
+                f"it must return logits (n, num_labels={num_labels}, {expected_shape[1]}, {expected_shape[2]})"
             )
-        for (top, left, image), crop_logits in zip(chunk, outputs):
+        for (top, left, image), crop_logits in zip(chunk, outputs[:, :, :window_h, :window_w]):
             logits[image, :, top : top + window_h, left : left + window_w] += crop_logits.float()
-    return (logits / counts)[:, :, :height, :width]
+    return logits / counts

@@ -28,6 +28,10 @@ Args:
     ignore_index (`int`, defaults to 255): ground-truth value whose pixels are left out.
     reduce_labels (`bool`, defaults to `False`): ADE20K convention for the ground truth: 0 ("other") becomes
         `ignore_index` and every other label moves down by one.
+    nan_to_num (`float`, *optional*): replaces NaN in every result (the per-class values of absent classes),
+        after the means, which leave NaN out either way.
+    label_map (`dict[int, int]`, *optional*): maps old ground-truth ids to new ones before anything else, each
+        looked up in the original map (so {1: 2, 2: 1} swaps two classes).
 
 Returns:
     mean_iou (`float`): IoU averaged over classes with a non-empty union.
@@ -51,6 +55,16 @@ _CITATION = """
 """
 
 
+def apply_label_map(label: np.ndarray, label_map: dict) -> np.ndarray:
+    """Ground truth (H, W) with every `old` id replaced by `label_map[old]`, looked up in the original map."""
+    label = np.asarray(label).astype(np.int64)
+    mapped = label.copy()
+    for old_id, new_id in label_map.items():
+        # Keys may come back from JSON as strings.
+        mapped[label == int(old_id)] = int(new_id)
+    return mapped
+
+
 def reduce_zero_label(label: np.ndarray, ignore_index: int = 255) -> np.ndarray:
     """Apply the ADE20K convention to a ground-truth map (H, W): 0 -> ignore_index, ignore_index stays, k -> k - 1."""
     label = np.asarray(label).astype(np.int64)
@@ -63,6 +77,7 @@ def confusion_matrix(
     num_labels: int,
     ignore_index: int = 255,
     reduce_labels: bool = False,
+    label_map: dict | None = None,
 ) -> np.ndarray:
     """Count pixels per (ground-truth class, predicted class) pair for one image.
 
@@ -72,12 +87,14 @@ def confusion_matrix(
         num_labels: number of classes C.
         ignore_index: ground-truth value whose pixels are not counted.
         reduce_labels: apply `reduce_zero_label` to the ground truth first.
+        label_map: old -> new ground-truth ids, applied before `reduce_labels` (as the Hub's `mean_iou` does).
 
     Returns:
         (C, C) int64 matrix; row = ground-truth class, column = predicted class.
     """
     prediction = np.asarray(prediction)
-    label = reduce_zero_label(label, ignore_index) if reduce_labels else np.asarray(label).astype(np.int64)
+    label = apply_label_map(label, label_map) if label_map else np.asarray(label).astype(np.int64)
+    label = reduce_zero_label(label, ignore_index) if reduce_labels else label
     if prediction.shape != label.shape:
         raise ValueError(
             f"prediction shape {prediction.shape} differs from label shape {label.shape}; "
@@ -150,6 +167,8 @@ class MeanIoU(evaluate.Metric):
         num_labels: int | None = None,
         ignore_index: int = 255,
         reduce_labels: bool = False,
+        nan_to_num: float | None = None,
+        label_map: dict | None = None,
     ) -> dict:
         if num_labels is None or num_labels < 1:
             raise ValueError(
@@ -157,5 +176,15 @@ class MeanIoU(evaluate.Metric):
             )
         confusion = np.zeros((num_labels, num_labels), dtype=np.int64)
         for prediction, label in zip(predictions, references):
-            confusion += confusion_matrix(prediction, label, num_labels, ignore_index, reduce_labels)
-        return segmentation_metrics(confusion)
+            confusion += confusion_matrix(
+                prediction, label, num_labels, ignore_index, reduce_labels, label_map
+            )
+        results = segmentation_metrics(confusion)
+        if nan_to_num is None:
+            return results
+        return {
+            key: np.nan_to_num(value, nan=nan_to_num)
+            if isinstance(value, np.ndarray)
+            else float(np.nan_to_num(value, nan=nan_to_num))
+            for key, value in results.items()
+        }
