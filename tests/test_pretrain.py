@@ -175,6 +175,17 @@ def test_recipes_hold_the_papers_settings(size):
     assert cfg.warmup_fraction == 0.05 and cfg.temperature == 0.1 and cfg.resume_from == "latest"
 
 
+@pytest.mark.parametrize("size", ["tiny", "small", "base"])
+def test_local_local_recipes_differ_from_the_papers_only_in_loss_and_output(size):
+    recipes = REPO / "training" / "recipes"
+    paper = load_config(PretrainConfig, recipes / f"pretrain_vit_{size}.yaml")
+    dense = load_config(PretrainConfig, recipes / f"pretrain_vit_{size}_local_local.yaml")
+    dense.validate()
+    differing = {k for k, v in vars(dense).items() if vars(paper)[k] != v}
+    assert differing == {"loss", "output_dir"}
+    assert dense.loss == "local-local" and dense.output_dir == f"outputs/pretrain-vit-{size}-local-local"
+
+
 def test_unknown_loss_and_option_are_config_errors():
     with pytest.raises(ValueError, match="--loss: .*one of local-global, global, local-local"):
         parse_config(PretrainConfig, ["--dataset", "x", "--max-steps", "1", "--loss", "dense"]).validate()
