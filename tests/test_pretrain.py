@@ -114,6 +114,11 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def comparable_metrics(out: Path) -> list[dict]:
+    """metrics.jsonl without its wall-clock fields (`time`, `images_per_s`), which no two runs share."""
+    return [{k: v for k, v in r.items() if k not in ("time", "images_per_s")} for r in metrics(out)]
+
+
 def results(out: Path) -> dict:
     return json.loads((out / "results.json").read_text())
 
@@ -307,6 +312,8 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(files, reference, tmp_pa
     assert run(resume_args(files, out, "--resume-from", "latest")) == 0  # here: one process start less
     assert "resumed from" in caplog.text
     assert_same_weights(out, reference)
+    # the steps the killed run logged past its checkpoint are logged once, by the resumed run
+    assert comparable_metrics(out) == comparable_metrics(reference)
 
 
 def test_sigterm_checkpoints_exits_0_and_resumes_exactly(files, reference, tmp_path, monkeypatch):
@@ -327,6 +334,26 @@ def test_sigterm_checkpoints_exits_0_and_resumes_exactly(files, reference, tmp_p
     assert run(resume_args(files, out, "--resume-from", "latest")) == 0
     assert results(out)["status"] == "completed"
     assert_same_weights(out, reference)
+
+
+def test_a_stop_and_resume_log_what_an_uninterrupted_run_logs(files, tmp_path, monkeypatch):
+    """The loss window since the last log is saved: the first log after the resume averages steps 6-10."""
+    argv = resume_args(files, tmp_path / "reference", "--log-every", "5")
+    assert run(argv) == 0
+    out = tmp_path / "run"
+
+    def sigterm_at_step_6(call, loss):
+        if call == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    patch_loss(monkeypatch, sigterm_at_step_6)
+    assert run(resume_args(files, out, "--log-every", "5")) == 0
+    monkeypatch.undo()
+    assert results(out)["steps"] == 6 and [r["step"] for r in metrics(out)] == [5]
+    assert run(resume_args(files, out, "--log-every", "5", "--resume-from", "latest")) == 0
+    assert [r["step"] for r in metrics(out)] == [5, 10, 12]
+    assert comparable_metrics(out) == comparable_metrics(tmp_path / "reference")
 
 
 def test_a_stop_between_logging_steps_keeps_the_skips_since_the_last_log(files, tmp_path, monkeypatch):

@@ -126,14 +126,16 @@ class TrainingArgs:
 @dataclasses.dataclass
 class TrainerState:
     """Progress of a run, saved in every checkpoint: optimiser steps taken (skipped updates included),
-    images consumed by all processes, non-finite steps skipped, seconds spent in the training loop, and
-    the mean loss of the last log window."""
+    images consumed by all processes, non-finite steps skipped, seconds spent in the training loop, the
+    mean loss of the last log window, and this process's [loss sum, step count] since that log (a checkpoint
+    keeps one per process, so the first log after a resume averages the same steps as without the stop)."""
 
     step: int = 0
     images_seen: int = 0
     nonfinite_skips: int = 0
     elapsed_s: float = 0.0
     last_loss: float | None = None
+    loss_window: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.0])
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
