@@ -22,7 +22,12 @@ from accelerate.state import AcceleratorState
 from PIL import Image
 from safetensors.torch import load_file
 
-from densecl_vit import DenseCLViTForPreTraining, DenseCLViTForSemanticSegmentation, DenseCLViTModel
+from densecl_vit import (
+    DenseCLViTConfig,
+    DenseCLViTForPreTraining,
+    DenseCLViTForSemanticSegmentation,
+    DenseCLViTModel,
+)
 from densecl_vit.training.checkpoint import validate_checkpoint
 from densecl_vit.training.config import ConfigError, load_config, parse_config
 from densecl_vit.training.engine import TrainerState, TrainingArgs, cli_main, total_steps_for
@@ -383,6 +388,38 @@ def test_truncated_checkpoint_is_skipped_with_a_message(files, reference, tmp_pa
     assert f"step-{STEPS:08d}" in caplog.text and "truncated" in caplog.text
     assert [r["step"] for r in metrics(out)] == list(range(STEPS - EVERY + 1, STEPS + 1))
     assert_same_weights(out, reference)
+
+
+def test_a_same_size_corruption_of_a_random_state_is_refused_by_name(files, reference, tmp_path, caplog):
+    out = tmp_path / "run"
+    shutil.copytree(reference / "checkpoints", out / "checkpoints")
+    rng = out / "checkpoints" / f"step-{STEPS:08d}" / "random_states_0.pkl"
+    data = bytearray(rng.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    rng.write_bytes(bytes(data))
+    assert run(resume_args(files, out, "--resume-from", "latest")) == 0
+    assert f"step-{STEPS:08d}: random_states_0.pkl does not match the SHA-256" in caplog.text
+    assert_same_weights(out, reference)  # resumed from step 8 instead
+
+
+def test_a_malicious_pickle_given_as_weights_is_refused_in_one_line(files, tmp_path, capsys):
+    """Loaded by transformers' from_pretrained, which raises torch's error without the file's name."""
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    folder = tmp_path / "model"
+    config = DenseCLViTConfig(**TINY, projection_dim=16, projection_hidden_size=32)  # as tiny_args says
+    DenseCLViTModel(config).save_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    torch.save({"payload": RunsCode()}, folder / "pytorch_model.bin")
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert run([*tiny_args(files, tmp_path / "run", "--max-steps", "2"), "--model", str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: refused to load") and "pytorch_model.bin" in err
+    assert "posix.system" in err and "safetensors" in err and "weights_only" not in err
+    assert not (tmp_path / "ran").exists()
 
 
 def test_resume_refuses_changed_settings_and_allows_more_steps(files, reference, tmp_path, capsys):

@@ -28,6 +28,7 @@ import dataclasses
 import logging
 import math
 import os
+import pickle
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -41,6 +42,7 @@ from .data import StreamingSamples
 from .guards import TrainingDiverged
 from .loader import StreamLoader, build_dataloader
 from .samples import DataError, SkipCounter
+from .weight_files import unpickled_file, unpickling_refusal
 
 T = TypeVar("T")
 
@@ -178,6 +180,11 @@ def cli_main(main_fn: Callable[[T], Any], cls: type[T], argv: Sequence[str] | No
         run_cli(main_fn, cls, argv)
     except SetupError as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except (
+        pickle.UnpicklingError
+    ) as err:  # a pickle torch.load(weights_only=True) refused, e.g. in from_pretrained
+        print(f"error: {unpickling_refusal(unpickled_file(err), err)}", file=sys.stderr)
         return 2
     except (DataError, TrainingDiverged) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
