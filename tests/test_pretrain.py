@@ -341,6 +341,33 @@ def test_sigterm_checkpoints_exits_0_and_resumes_exactly(files, reference, tmp_p
     assert_same_weights(out, reference)
 
 
+def test_sigterm_to_the_process_group_with_dataloader_workers_saves_and_resumes_exactly(
+    files, reference, tmp_path
+):
+    """What `timeout`, SLURM and `kill -- -PGID` do: SIGTERM to the script and its DataLoader workers at once."""
+    out = tmp_path / "run"
+    argv = resume_args(files, out, "--num-workers", "2")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "log.txt", "w") as log:
+        command = [sys.executable, "scripts/pretrain.py", *argv]
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            if (out / "metrics.jsonl").exists() and len(metrics(out)) >= 2:
+                os.killpg(proc.pid, signal.SIGTERM)
+                break
+            time.sleep(0.005)
+        status = proc.wait(timeout=120)
+    assert status == 0, (tmp_path / "log.txt").read_text()[-3000:]
+    stopped = results(out)
+    assert stopped["status"] == "preempted" and stopped["steps"] < STEPS
+    assert validate_checkpoint(out / "checkpoints" / f"step-{stopped['steps']:08d}") is None
+
+    assert run([*argv, "--resume-from", "latest"]) == 0
+    assert_same_weights(out, reference)  # workers or not, the batches are the same
+    assert comparable_metrics(out) == comparable_metrics(reference)
+
+
 def test_a_stop_and_resume_log_what_an_uninterrupted_run_logs(files, tmp_path, monkeypatch):
     """The loss window since the last log is saved: the first log after the resume averages steps 6-10."""
     argv = resume_args(files, tmp_path / "reference", "--log-every", "5")
