@@ -12,7 +12,8 @@ A checkpoint is written under its temporary name and renamed by the main process
 has finished writing and ``COMPLETE`` is on disk, so a folder named ``step-*`` with a valid ``COMPLETE``
 is always whole. ``validate_checkpoint`` also checks the recorded file sizes, which catches copies truncated
 later, and, on resume, the SHA-256 of every file, which catches any corruption (hashing reads every byte: 1.6 s
-per GB on one core, once when saving and once per resume). All processes must share the filesystem, as accelerate itself assumes.
+per GB on one core, once when saving and once per resume). All processes must share the filesystem, as
+accelerate itself assumes.
 """
 
 from __future__ import annotations

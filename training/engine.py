@@ -16,7 +16,8 @@ A script built on this module reads like accelerate's `complete_cv_example.py` s
 This module holds the options (`TrainingArgs`), the run state and outcome, the accelerator and the training
 loader; `loop` holds `resume`, `train_step` and `train_loop`; `run_end` holds `save_model` and `finish_run`.
 
-`cli_main` maps failures to exit statuses: 2 for bad options and settings (before training starts), 1 for
+`cli_main` maps failures to exit statuses: 2 for bad options and settings (before training starts; a pickle
+that torch.load(weights_only=True) refuses, wherever it is read, is one of them), 1 for
 a run that cannot go on (`DataError`: mostly unusable data; `TrainingDiverged`: too many non-finite steps
 in a row, the last checkpoint left as it was); SIGTERM/SIGINT end the run with a checkpoint and status 0.
 """
