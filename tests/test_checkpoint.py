@@ -1,4 +1,6 @@
+import hashlib
 import json
+import os
 import shutil
 
 import pytest
@@ -7,6 +9,7 @@ from accelerate import Accelerator, debug_launcher
 from accelerate.state import AcceleratorState
 from torch import nn
 
+from densecl_vit.training.checkpoint import _write_marker as write_marker
 from densecl_vit.training.checkpoint import (
     check_resume_compatible,
     complete_checkpoints,
@@ -118,6 +121,60 @@ def test_validate_checks_state_and_marker_agree(tmp_path, accelerator):
     (path / "trainer_state.json").write_text(json.dumps(state))
     reason = validate_checkpoint(path)
     assert reason is not None and ("trainer_state.json" in reason)
+
+
+def flip_middle_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_manifest_hashes_refuse_a_same_size_corruption_by_name(tmp_path, accelerator):
+    make_training(accelerator)
+    older = save_checkpoint(accelerator, tmp_path, step=1)
+    newest = save_checkpoint(accelerator, tmp_path, step=2)
+    manifest = json.loads((newest / "COMPLETE").read_text())
+    rng = newest / "random_states_0.pkl"
+    assert manifest["sha256"]["random_states_0.pkl"] == hashlib.sha256(rng.read_bytes()).hexdigest()
+    flip_middle_byte(rng)
+
+    assert validate_checkpoint(newest) is None  # the size is unchanged
+    reason = validate_checkpoint(newest, verify_hashes=True)
+    assert (
+        reason == "random_states_0.pkl does not match the SHA-256 in COMPLETE (corrupted since it was saved)"
+    )
+    assert resolve_resume(tmp_path, "latest") == older  # the newest is refused, the older one is intact
+    with pytest.raises(ValueError, match=r"step-00000002: random_states_0\.pkl does not match the SHA-256"):
+        resolve_resume(tmp_path, newest)
+
+
+def test_an_unrestorable_random_state_is_an_error_naming_the_file(tmp_path, accelerator):
+    """accelerate only logs a random state it cannot restore; the resumed run would silently differ."""
+    make_training(accelerator)
+    path = save_checkpoint(accelerator, tmp_path, step=1)
+    rng = path / "random_states_0.pkl"
+    rng.write_bytes(b"x" * rng.stat().st_size)
+    write_marker(path, 1)  # hashes of the damaged file: as if it was written that way
+    with pytest.raises(ValueError, match=r"cannot restore the random state from .*random_states_0\.pkl"):
+        load_checkpoint(accelerator, path)
+
+
+@pytest.mark.parametrize("name", ["optimizer.bin", "random_states_0.pkl"])
+def test_a_malicious_pickle_in_a_checkpoint_is_refused_in_one_line(tmp_path, accelerator, name):
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    make_training(accelerator)
+    path = save_checkpoint(accelerator, tmp_path, step=1)
+    torch.save({"state": {}, "payload": RunsCode()}, path / name)
+    write_marker(path, 1)  # a consistent manifest: hashes prove integrity, not trust
+    with pytest.raises(ValueError) as error:
+        load_checkpoint(accelerator, resolve_resume(tmp_path, "latest"))
+    message = str(error.value)
+    assert "\n" not in message and name in message and "posix.system" in message
+    assert "safetensors" in message and "weights_only" not in message
+    assert not (tmp_path / "ran").exists()
 
 
 def test_keep_last_prunes_oldest_complete(tmp_path, accelerator):

@@ -4,6 +4,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,16 @@ from densecl_vit.training.weight_files import load_state_dict_file
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "convert_checkpoint.py"
 IMPORTERS = {"timm": timm_to_densecl, "hf-vit": hf_vit_to_densecl, "dino": dino_to_densecl}
+
+
+class RunsCode:
+    """A pickle that would touch `marker` when unpickled: proof that nothing ran if the file stays absent."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
 
 
 class NotATensor:
@@ -135,7 +146,18 @@ def test_pickle_with_custom_object_is_refused(tmp_path):
     with pytest.raises(ValueError) as error:
         load_state_dict_file(tmp_path / "unsafe.pth")
     message = assert_one_line(error)
-    assert "NotATensor" in message and "weights_only=True" in message
+    assert "NotATensor" in message and "safetensors" in message and "weights_only=False" not in message
+
+
+def test_malicious_pickle_is_refused_in_one_line_and_runs_nothing(tmp_path):
+    marker = tmp_path / "ran"
+    torch.save({"weight": torch.ones(2), "payload": RunsCode(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(ValueError) as error:
+        load_state_dict_file(tmp_path / "evil.pth")
+    message = assert_one_line(error)
+    assert "posix.system" in message and "evil.pth" in message and "convert_checkpoint.py" in message
+    assert "weights_only" not in message  # torch's advice to retry with weights_only=False is not passed on
+    assert not marker.exists()
 
 
 def test_dino_args_namespace_and_safetensors_load(tmp_path):
@@ -148,7 +170,7 @@ def test_dino_args_namespace_and_safetensors_load(tmp_path):
     for bad, reason in [
         ("missing.pth", "does not exist"),
         ("weights.npz", "unknown"),
-        ("garbage.pth", "weights_only"),
+        ("garbage.pth", "Unsupported operand"),
     ]:
         with pytest.raises(ValueError, match=reason) as error:
             load_state_dict_file(tmp_path / bad)

@@ -22,7 +22,12 @@ from accelerate.state import AcceleratorState
 from PIL import Image
 from safetensors.torch import load_file
 
-from densecl_vit import DenseCLViTForPreTraining, DenseCLViTForSemanticSegmentation, DenseCLViTModel
+from densecl_vit import (
+    DenseCLViTConfig,
+    DenseCLViTForPreTraining,
+    DenseCLViTForSemanticSegmentation,
+    DenseCLViTModel,
+)
 from densecl_vit.training.checkpoint import validate_checkpoint
 from densecl_vit.training.config import ConfigError, load_config, parse_config
 from densecl_vit.training.engine import TrainerState, TrainingArgs, cli_main, total_steps_for
@@ -112,6 +117,11 @@ def assert_same_weights(run_dir: Path, reference: Path) -> None:
 
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def comparable_metrics(out: Path) -> list[dict]:
+    """metrics.jsonl without its wall-clock fields (`time`, `images_per_s`), which no two runs share."""
+    return [{k: v for k, v in r.items() if k not in ("time", "images_per_s")} for r in metrics(out)]
 
 
 def results(out: Path) -> dict:
@@ -318,6 +328,8 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(files, reference, tmp_pa
     assert run(resume_args(files, out, "--resume-from", "latest")) == 0  # here: one process start less
     assert "resumed from" in caplog.text
     assert_same_weights(out, reference)
+    # the steps the killed run logged past its checkpoint are logged once, by the resumed run
+    assert comparable_metrics(out) == comparable_metrics(reference)
 
 
 def test_sigterm_checkpoints_exits_0_and_resumes_exactly(files, reference, tmp_path, monkeypatch):
@@ -338,6 +350,53 @@ def test_sigterm_checkpoints_exits_0_and_resumes_exactly(files, reference, tmp_p
     assert run(resume_args(files, out, "--resume-from", "latest")) == 0
     assert results(out)["status"] == "completed"
     assert_same_weights(out, reference)
+
+
+def test_sigterm_to_the_process_group_with_dataloader_workers_saves_and_resumes_exactly(
+    files, reference, tmp_path
+):
+    """What `timeout`, SLURM and `kill -- -PGID` do: SIGTERM to the script and its DataLoader workers at once."""
+    out = tmp_path / "run"
+    argv = resume_args(files, out, "--num-workers", "2")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "log.txt", "w") as log:
+        command = [sys.executable, "scripts/pretrain.py", *argv]
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            if (out / "metrics.jsonl").exists() and len(metrics(out)) >= 2:
+                os.killpg(proc.pid, signal.SIGTERM)
+                break
+            time.sleep(0.005)
+        status = proc.wait(timeout=120)
+    assert status == 0, (tmp_path / "log.txt").read_text()[-3000:]
+    stopped = results(out)
+    assert stopped["status"] == "preempted" and stopped["steps"] < STEPS
+    assert validate_checkpoint(out / "checkpoints" / f"step-{stopped['steps']:08d}") is None
+
+    assert run([*argv, "--resume-from", "latest"]) == 0
+    assert_same_weights(out, reference)  # workers or not, the batches are the same
+    assert comparable_metrics(out) == comparable_metrics(reference)
+
+
+def test_a_stop_and_resume_log_what_an_uninterrupted_run_logs(files, tmp_path, monkeypatch):
+    """The loss window since the last log is saved: the first log after the resume averages steps 6-10."""
+    argv = resume_args(files, tmp_path / "reference", "--log-every", "5")
+    assert run(argv) == 0
+    out = tmp_path / "run"
+
+    def sigterm_at_step_6(call, loss):
+        if call == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    patch_loss(monkeypatch, sigterm_at_step_6)
+    assert run(resume_args(files, out, "--log-every", "5")) == 0
+    monkeypatch.undo()
+    assert results(out)["steps"] == 6 and [r["step"] for r in metrics(out)] == [5]
+    assert run(resume_args(files, out, "--log-every", "5", "--resume-from", "latest")) == 0
+    assert [r["step"] for r in metrics(out)] == [5, 10, 12]
+    assert comparable_metrics(out) == comparable_metrics(tmp_path / "reference")
 
 
 def test_a_stop_between_logging_steps_keeps_the_skips_since_the_last_log(files, tmp_path, monkeypatch):
@@ -367,6 +426,38 @@ def test_truncated_checkpoint_is_skipped_with_a_message(files, reference, tmp_pa
     assert f"step-{STEPS:08d}" in caplog.text and "truncated" in caplog.text
     assert [r["step"] for r in metrics(out)] == list(range(STEPS - EVERY + 1, STEPS + 1))
     assert_same_weights(out, reference)
+
+
+def test_a_same_size_corruption_of_a_random_state_is_refused_by_name(files, reference, tmp_path, caplog):
+    out = tmp_path / "run"
+    shutil.copytree(reference / "checkpoints", out / "checkpoints")
+    rng = out / "checkpoints" / f"step-{STEPS:08d}" / "random_states_0.pkl"
+    data = bytearray(rng.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    rng.write_bytes(bytes(data))
+    assert run(resume_args(files, out, "--resume-from", "latest")) == 0
+    assert f"step-{STEPS:08d}: random_states_0.pkl does not match the SHA-256" in caplog.text
+    assert_same_weights(out, reference)  # resumed from step 8 instead
+
+
+def test_a_malicious_pickle_given_as_weights_is_refused_in_one_line(files, tmp_path, capsys):
+    """Loaded by transformers' from_pretrained, which raises torch's error without the file's name."""
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    folder = tmp_path / "model"
+    config = DenseCLViTConfig(**TINY, projection_dim=16, projection_hidden_size=32)  # as tiny_args says
+    DenseCLViTModel(config).save_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    torch.save({"payload": RunsCode()}, folder / "pytorch_model.bin")
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert run([*tiny_args(files, tmp_path / "run", "--max-steps", "2"), "--model", str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: refused to load") and "pytorch_model.bin" in err
+    assert "posix.system" in err and "safetensors" in err and "weights_only" not in err
+    assert not (tmp_path / "ran").exists()
 
 
 def test_resume_refuses_changed_settings_and_allows_more_steps(files, reference, tmp_path, capsys):

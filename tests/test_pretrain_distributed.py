@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,17 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator, debug_launcher
 from accelerate.state import AcceleratorState
-from test_pretrain import REPO, TINY, assert_same_weights, patch_loss, results, tiny_args, write_parquet
+from test_pretrain import (
+    REPO,
+    TINY,
+    assert_same_weights,
+    comparable_metrics,
+    metrics,
+    patch_loss,
+    results,
+    tiny_args,
+    write_parquet,
+)
 
 from densecl_vit.training.engine import cli_main
 from densecl_vit.training.pretraining import PretrainConfig, build_model, main
@@ -155,3 +166,72 @@ def test_accelerate_launch_runs_the_script_on_two_cpu_processes(files, tmp_path)
         summary["status"] == "completed" and summary["total_batch_size"] == 8 and summary["images_seen"] == 32
     )
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def _launch(files, out, *extra) -> subprocess.Popen:
+    """`accelerate launch` of 2 CPU processes with a DataLoader worker each, in a session of its own. The module
+    form runs this interpreter: the `accelerate` script's shebang may name another environment."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()), "scripts/pretrain.py",
+        *tiny_args(files, out, "--max-steps", "30", "--checkpoint-every", "10", "--num-workers", "1", *extra),
+    ]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    log = open(out.parent / f"{out.name}-{time.monotonic_ns()}.log", "w")
+    return subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def _signal_after_step(proc: subprocess.Popen, out: Path, step: int, send) -> int:
+    """Call `send(proc)` once metrics.jsonl logs a step past `step`; returns the launcher's exit status."""
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        logged = [r["step"] for r in metrics(out)] if (out / "metrics.jsonl").exists() else []
+        if logged and logged[-1] > step:
+            send(proc)
+            break
+        time.sleep(0.02)
+    return proc.wait(timeout=300)
+
+
+def _ranks(proc: subprocess.Popen) -> list[int]:
+    return [int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+
+
+def _sigterm_each_rank_group(proc: subprocess.Popen) -> None:
+    """What `pkill -TERM -P <launcher pid>` and a scheduler signalling every task do: each rank, and here its
+    DataLoader worker too (a rank leads its own process group), gets SIGTERM; the launcher does not."""
+    for pid in _ranks(proc):
+        os.killpg(pid, signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_sigterm_to_an_accelerate_launch_saves_on_every_rank_and_resumes_exactly(files, tmp_path):
+    """Three launches to one result: stopped through its ranks, stopped through the launcher's process group, then
+    finished; the weights and metrics.jsonl equal an uninterrupted two-process run's."""
+    reference = tmp_path / "reference"
+    assert _launch(files, reference).wait(timeout=300) == 0  # launched alike: same threads, same sums
+
+    out = tmp_path / "run"
+    # The ranks signalled: each saves at the same step and exits 0, so the launcher exits 0 too.
+    assert _signal_after_step(_launch(files, out), out, 2, _sigterm_each_rank_group) == 0
+    first = results(out)
+    assert first["status"] == "preempted" and 2 < first["steps"] < 30
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{first['steps']:08d}"]
+
+    # The launcher's group signalled: torch's elastic agent forwards SIGTERM to every rank's process group, the
+    # ranks save and exit 0, and the agent itself ends with 143 (SignalException), whatever the ranks did.
+    proc = _launch(files, out, "--resume-from", "latest")
+    assert (
+        _signal_after_step(proc, out, first["steps"] + 1, lambda p: os.killpg(p.pid, signal.SIGTERM)) == 143
+    )
+    second = results(out)
+    assert second["status"] == "preempted" and first["steps"] < second["steps"] < 30
+    assert (out / "checkpoints" / f"step-{second['steps']:08d}" / "COMPLETE").is_file()
+
+    proc = _launch(files, out, "--resume-from", "latest")
+    assert proc.wait(timeout=300) == 0 and results(out)["status"] == "completed"
+    assert_same_weights(out, reference)
+    assert comparable_metrics(out) == comparable_metrics(reference)

@@ -16,7 +16,8 @@ A script built on this module reads like accelerate's `complete_cv_example.py` s
 This module holds the options (`TrainingArgs`), the run state and outcome, the accelerator and the training
 loader; `loop` holds `resume`, `train_step` and `train_loop`; `run_end` holds `save_model` and `finish_run`.
 
-`cli_main` maps failures to exit statuses: 2 for bad options and settings (before training starts), 1 for
+`cli_main` maps failures to exit statuses: 2 for bad options and settings (before training starts; a pickle
+that torch.load(weights_only=True) refuses, wherever it is read, is one of them), 1 for
 a run that cannot go on (`DataError`: mostly unusable data; `TrainingDiverged`: too many non-finite steps
 in a row, the last checkpoint left as it was); SIGTERM/SIGINT end the run with a checkpoint and status 0.
 """
@@ -28,6 +29,7 @@ import dataclasses
 import logging
 import math
 import os
+import pickle
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -41,6 +43,7 @@ from .data import StreamingSamples
 from .guards import TrainingDiverged
 from .loader import StreamLoader, build_dataloader
 from .samples import DataError, SkipCounter
+from .weight_files import unpickled_file, unpickling_refusal
 
 T = TypeVar("T")
 
@@ -126,14 +129,16 @@ class TrainingArgs:
 @dataclasses.dataclass
 class TrainerState:
     """Progress of a run, saved in every checkpoint: optimiser steps taken (skipped updates included),
-    images consumed by all processes, non-finite steps skipped, seconds spent in the training loop, and
-    the mean loss of the last log window."""
+    images consumed by all processes, non-finite steps skipped, seconds spent in the training loop, the
+    mean loss of the last log window, and this process's [loss sum, step count] since that log (a checkpoint
+    keeps one per process, so the first log after a resume averages the same steps as without the stop)."""
 
     step: int = 0
     images_seen: int = 0
     nonfinite_skips: int = 0
     elapsed_s: float = 0.0
     last_loss: float | None = None
+    loss_window: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.0])
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -176,6 +181,11 @@ def cli_main(main_fn: Callable[[T], Any], cls: type[T], argv: Sequence[str] | No
         run_cli(main_fn, cls, argv)
     except SetupError as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except (
+        pickle.UnpicklingError
+    ) as err:  # a pickle torch.load(weights_only=True) refused, e.g. in from_pretrained
+        print(f"error: {unpickling_refusal(unpickled_file(err), err)}", file=sys.stderr)
         return 2
     except (DataError, TrainingDiverged) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)

@@ -4,7 +4,9 @@ stream position after every batch (see `data` for how examples become batches an
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 from collections import deque
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -16,10 +18,31 @@ from .data import Chunk, StreamingSamples
 from .samples import SkipCounter
 
 WORKER_SPLITS = ("auto", "chunks", "shards")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def _identity(chunk: Any) -> Any:
     return chunk
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A DataLoader `worker_init_fn`: the worker ignores SIGTERM/SIGINT, which `timeout`, SLURM, `kill -- -PGID`
+    and Ctrl-C send to the whole process group, so it keeps serving batches while the main process, which owns
+    the stop, finishes its step and saves a checkpoint; the main process ends its workers itself."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by `stop_signals_held` while forking
+
+
+@contextlib.contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """Hold SIGTERM/SIGINT back while DataLoader workers start: a forked worker inherits the block, so a signal to
+    the group cannot kill it before `ignore_stop_signals` runs; the main process gets the held signal afterwards."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def default_num_workers() -> int:
@@ -93,7 +116,9 @@ class StreamLoader:
     def _chunks_in_order(self) -> Iterator[Chunk]:
         """Chunks from the DataLoader, checking that each lane's chunks arrive in sequence."""
         expected: dict[int, int] = {}
-        for index, chunk in enumerate(self.dataloader):
+        with stop_signals_held():
+            chunks = iter(self.dataloader)  # starts the workers
+        for index, chunk in enumerate(chunks):
             want = index if self.samples.mode == "chunks" else expected.get(chunk.lane, 0)
             if chunk.index != want:
                 raise RuntimeError(f"chunk {chunk.index} of lane {chunk.lane} arrived when {want} was due")
@@ -174,5 +199,6 @@ def build_dataloader(
         # Each new iterator draws a seed from this generator; a private one keeps the global RNG (drop path,
         # dropout) untouched, so a resumed run, which starts a new iterator, repeats the uninterrupted one.
         generator=torch.Generator(),
+        worker_init_fn=ignore_stop_signals,
     )
     return StreamLoader(samples, dataloader, batch_size, drop_last=drop_last, worker_split=worker_split)

@@ -69,6 +69,8 @@ def resume(
     if loader is not None:
         loader.load_state_dict(saved["data_states"][accelerator.process_index])
     state = TrainerState.from_dict(saved["trainer"])
+    if "loss_windows" in saved:  # checkpoints written before the window was saved start a fresh one
+        state.loss_window = list(saved["loss_windows"][accelerator.process_index])
     logger.info("resumed from %s at step %d", path, state.step)
     return state
 
@@ -156,11 +158,18 @@ def _skips(loader: Any) -> SkipCounter:
 
 
 def _save(
-    accelerator: Accelerator, args: TrainingArgs, state: TrainerState, loader: Any, signature: Mapping
+    accelerator: Accelerator,
+    args: TrainingArgs,
+    state: TrainerState,
+    loader: Any,
+    signature: Mapping,
+    loss_window: list[float],
 ) -> None:
+    trainer = {k: v for k, v in state.to_dict().items() if k != "loss_window"}
     extra = {
-        "trainer": state.to_dict(),
+        "trainer": trainer,
         "data_states": gather_object([loader.state_dict()]),  # one stream position per process
+        "loss_windows": gather_object([loss_window]),  # each process's sums since the last log
         "config": dict(signature),
     }
     path = save_checkpoint(accelerator, args.output_dir, state.step, extra, keep_last=args.keep_last)
@@ -170,13 +179,21 @@ def _save(
 class _Reporter:
     """metrics.jsonl, accelerate trackers and the progress bar. The loss stays on the device between logs."""
 
-    def __init__(self, accelerator: Accelerator, args: TrainingArgs, total_steps: int, start: int, desc: str):
+    def __init__(
+        self, accelerator: Accelerator, args: TrainingArgs, total_steps: int, state: TrainerState, desc: str
+    ):
         self.accelerator = accelerator
-        self.metrics = MetricsLogger(args.output_dir, accelerator)
-        self.bar = progress_bar(total_steps, accelerator, desc=desc, initial=start)
+        self.metrics = MetricsLogger(args.output_dir, accelerator, keep_through=state.step)
+        self.bar = progress_bar(total_steps, accelerator, desc=desc, initial=state.step)
         self.meter = ThroughputMeter(window=max(2, args.log_every))
-        self.loss_sum = torch.zeros((), dtype=torch.float32, device=accelerator.device)
-        self.loss_count = torch.zeros((), dtype=torch.float32, device=accelerator.device)
+        # float32 sums, as the device keeps them: a saved window restores bit for bit
+        self.loss_sum, self.loss_count = (
+            torch.tensor(value, dtype=torch.float32, device=accelerator.device) for value in state.loss_window
+        )
+
+    def window(self) -> list[float]:
+        """This process's [loss sum, step count] since the last log (one host read; for checkpoints)."""
+        return torch.stack([self.loss_sum, self.loss_count]).tolist()
 
     def close(self) -> None:
         self.bar.close()
@@ -263,7 +280,7 @@ def train_loop(
     global_batch = args.per_device_batch_size * accelerator.num_processes
     status, eval_metrics, due = "completed", {}, False
     started, elapsed_before = time.perf_counter(), state.elapsed_s
-    reporter = _Reporter(accelerator, args, total_steps, state.step, desc)
+    reporter = _Reporter(accelerator, args, total_steps, state, desc)
     model.train()
     with PreemptionHandler(accelerator, sync_every=args.log_every) as preempt, contextlib.closing(reporter):
         batches = _batches(loader)
@@ -291,7 +308,7 @@ def train_loop(
                 model.train()
             at_checkpoint = due and guard.consecutive == 0  # never mid-streak: keep the last good checkpoints
             if at_checkpoint or stop:
-                _save(accelerator, args, state, loader, signature)
+                _save(accelerator, args, state, loader, signature, reporter.window())
                 due = False
             if stop and not last:
                 status = "preempted"

@@ -69,17 +69,25 @@ class MetricsLogger:
 
     Each line holds ``step``, ``time`` (Unix seconds) and the given values; the file is flushed after
     every line so a crash loses nothing already logged. An existing file is appended to, which keeps
-    the history of a resumed run in one place.
+    the history of a resumed run in one place; with ``keep_through=step`` (the step a run resumes from)
+    its lines past that step, logged after the checkpoint by a run that was then killed, are dropped
+    first, so the file holds each step once.
     """
 
     def __init__(
-        self, output_dir: str | os.PathLike, accelerator: Any = None, filename: str = "metrics.jsonl"
+        self,
+        output_dir: str | os.PathLike,
+        accelerator: Any = None,
+        filename: str = "metrics.jsonl",
+        keep_through: int | None = None,
     ):
         self.path = Path(output_dir) / filename
         self.enabled = accelerator is None or accelerator.is_main_process
         self._file = None
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if keep_through is not None and self.path.is_file():
+                truncate_metrics(self.path, keep_through)
             self._file = open(self.path, "a")  # closed by close() / the with block
 
     def log(self, step: int, **values: Any) -> dict[str, Any] | None:
@@ -101,6 +109,24 @@ class MetricsLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def truncate_metrics(path: str | os.PathLike, keep_through: int) -> int:
+    """Atomically drop the lines of a metrics.jsonl past step ``keep_through`` (and a torn last line);
+    returns how many were dropped."""
+    lines = Path(path).read_text().splitlines()
+    kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= keep_through]
+    if len(kept) < len(lines):
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+    return len(lines) - len(kept)
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a line a kill cut short."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 class ThroughputMeter:

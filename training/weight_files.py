@@ -5,6 +5,7 @@ torch pickles (`.pth`, `.pt`, `.bin`, `.ckpt`) read with `weights_only=True`, an
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
 import re
 from pathlib import Path
@@ -13,6 +14,42 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+_GLOBAL = re.compile(r"GLOBAL (\S+)")
+# torch's own lines around the reason: its advice to retry with weights_only=False would run the file's code
+_TORCH_ADVICE = re.compile(r"weights.only|check the documentation|file an issue", re.IGNORECASE)
+
+
+def unpickling_reason(error: BaseException) -> str:
+    """Why torch.load(weights_only=True) failed, in a few words: the forbidden global it met, or its own reason."""
+    found = _GLOBAL.search(str(error))
+    if found:
+        return f"it pickles the Python object {found.group(1)}, and unpickling it could run code"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    lines = [line for line in lines if not _TORCH_ADVICE.search(line)]
+    return lines[0] if lines else type(error).__name__
+
+
+def unpickling_refusal(path: str | os.PathLike | None, error: BaseException) -> str:
+    """One line saying why torch.load(weights_only=True) refused `path` and the way out; never torch's advice to
+    pass weights_only=False, which runs what the file holds."""
+    return (
+        f"refused to load {path or 'a pickled checkpoint'}: {unpickling_reason(error)}; only tensors and plain "
+        "containers are unpickled: convert the weights to safetensors (scripts/convert_checkpoint.py, after "
+        "re-saving a trusted file's tensors with torch.save(model.state_dict(), ...))"
+    )
+
+
+def unpickled_file(error: BaseException) -> str | None:
+    """The file a failed `torch.load` was reading, from its frame: transformers and accelerate do not name it."""
+    found, tb = None, error.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "load" and frame.f_globals.get("__name__") == "torch.serialization":
+            file = frame.f_locals.get("f")
+            found = os.fspath(file) if isinstance(file, (str, os.PathLike)) else found
+        tb = tb.tb_next
+    return found
+
 
 def _torch_load(path: Path) -> Any:
     """torch.load with weights_only=True; argparse.Namespace is allowed because DINO checkpoints keep `args`."""
@@ -20,17 +57,7 @@ def _torch_load(path: Path) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        reason = (
-            f"it pickles the Python object {found.group(1)}"
-            if found
-            else (lines[0] if lines else "unreadable")
-        )
-        raise ValueError(
-            f"{path} cannot be loaded with torch.load(weights_only=True) ({reason}); only tensors and plain "
-            "containers are read: re-save the weights with torch.save(model.state_dict(), ...) or as .safetensors."
-        ) from None
+        raise ValueError(unpickling_refusal(path, error)) from None
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, Any]:
@@ -69,4 +96,4 @@ def load_state_dict_file(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-__all__ = ["load_state_dict_file"]
+__all__ = ["load_state_dict_file", "unpickled_file", "unpickling_refusal"]
