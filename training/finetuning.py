@@ -38,7 +38,7 @@ from .engine import (
 from .evaluation import EvalSource, PeriodicEvaluator, open_eval_source, write_eval_results
 from .loader import StreamLoader
 from .loop import resume, train_loop
-from .model_start import describe_load, load_task_model
+from .model_start import describe_load, load_task_model, model_source
 from .optim import (
     build_adam,
     build_adamw,
@@ -48,7 +48,6 @@ from .optim import (
     poly_with_warmup,
     warmup_steps_from_fraction,
 )
-from .pretraining import model_source
 from .run_end import finish_run, save_model
 from .runlog import MetricsLogger
 from .sources import open_stream, resolve_column

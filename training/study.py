@@ -60,7 +60,8 @@ from .demo import (
     run_stage,
     segmentation_argv,
 )
-from .pretraining import PretrainConfig, model_source
+from .model_start import model_source
+from .pretraining import PretrainConfig
 from .pretraining import main as pretrain_main
 from .probes import ProbeSettings, Scenes, encode, load_scenes, patch_similarity, probe_encoder
 from .runlog import read_json, write_json
