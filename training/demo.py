@@ -37,6 +37,8 @@ from .synthetic_dataset import dataset_is_complete, load_synthetic_dataset, writ
 
 T = TypeVar("T")
 STAGE_DIRS = ("pretrain", "segmentation", "depth", "release")
+# (fine-tuned model folder, release folder) -> the release folder it wrote
+ExportRelease = Callable[[Path, Path], Path]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,14 +279,6 @@ def render_example(run_dir: Path, dataset: Path) -> Path:
     return render_example_prediction(run_dir / "final", first["image"], run_dir / "example.png")
 
 
-def export_release(model_dir: Path, output: Path) -> Path:
-    """A Hub-ready folder (weights, config, remote code, model card, eval results) built from `model_dir`."""
-    from ..hub_cards.export import ReleaseOptions, build_release
-
-    build_release(model_dir, output, ReleaseOptions(overwrite=True))
-    return output
-
-
 def _fresh(folder: Path) -> Path:
     """Empty a stage folder of a previous demo (the scripts refuse to start over on their own checkpoints)."""
     if folder.exists():
@@ -292,7 +286,9 @@ def _fresh(folder: Path) -> Path:
     return folder
 
 
-def _stages(s: DemoSettings, paths: Mapping[str, Path]) -> list[tuple[str, str, Callable[[], Any]]]:
+def _stages(
+    s: DemoSettings, paths: Mapping[str, Path], export: ExportRelease
+) -> list[tuple[str, str, Callable[[], Any]]]:
     """(key, title, run) of every stage but the report, in order."""
     from .depth import FinetuneDepthConfig
     from .depth import main as depth_main
@@ -308,8 +304,7 @@ def _stages(s: DemoSettings, paths: Mapping[str, Path]) -> list[tuple[str, str, 
         for task in ("segmentation", "depth"):
             render_example(paths[task], data)
         return {
-            task: export_release(paths[task] / "final", paths["release"] / task)
-            for task in ("segmentation", "depth")
+            task: export(paths[task] / "final", paths["release"] / task) for task in ("segmentation", "depth")
         }
 
     return [
@@ -325,8 +320,17 @@ def _stages(s: DemoSettings, paths: Mapping[str, Path]) -> list[tuple[str, str, 
     ]  # fmt: skip
 
 
-def run_demo(s: DemoSettings, output_dir: str | os.PathLike, echo: Callable[[str], None] = print) -> dict:
+def run_demo(
+    s: DemoSettings,
+    output_dir: str | os.PathLike,
+    echo: Callable[[str], None] = print,
+    *,
+    export: ExportRelease,
+) -> dict:
     """Every stage of the demo into `output_dir`; returns (and writes to demo_results.json) the numbers and paths.
+
+    `export(model_dir, output)` builds a Hub-ready folder and returns it: the caller passes `hub_cards`'
+    release builder, since the library sits below `hub_cards` and never imports it.
 
     Raises `StageInterrupted` when a signal stops a training stage (the later stages would have no input).
     """
@@ -335,7 +339,7 @@ def run_demo(s: DemoSettings, output_dir: str | os.PathLike, echo: Callable[[str
     paths = {name: root / name for name in ("data", *STAGE_DIRS)}
     for name in STAGE_DIRS:
         _fresh(paths[name])
-    stages = _stages(s, paths)
+    stages = _stages(s, paths, export)
     outputs: dict[str, Any] = {}
     timings: dict[str, float] = {}
     with torch_threads(s.num_threads, s.num_workers) as threads:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ...modeling import DenseCLViTConfig, DenseCLViTModel
+from ..conversion import timm_kwargs
 from .measure import peak_tflops
 
 SIZES: dict[str, dict[str, Any]] = {
@@ -75,9 +76,7 @@ def build_config(size: str, image_size: int, loss: str = "local-global") -> Dens
 
 def build_timm(encoder: DenseCLViTModel, name: str) -> torch.nn.Module:
     """timm's `VisionTransformer` of `encoder`'s architecture (`name`'s defaults overridden), no head."""
-    import timm
-
-    from ...hub_cards.stock import timm_kwargs
+    import timm  # optional (dev extra): only the timm baseline needs it
 
     kwargs = timm_kwargs(encoder)
     if kwargs is None:
