@@ -348,7 +348,7 @@ class BatchedColorAugment(nn.Module):
 def naive_torchvision_two_view(cfg: SimCLRAugmentConfig | None = None) -> Callable:
     """The straightforward torchvision v2 pipeline of the same policy (PIL ops, global RNG): a benchmark
     baseline. Returns image -> (view1, view2)."""
-    from torchvision.transforms import v2
+    from torchvision.transforms import v2  # the benchmark's baseline only: training never loads it
 
     c = cfg or SimCLRAugmentConfig()
 

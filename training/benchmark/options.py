@@ -12,6 +12,8 @@ import torch
 
 from ...modeling import DenseCLViTConfig, DenseCLViTModel
 from ..conversion import timm_kwargs
+from ..loader import default_num_workers
+from ..pretraining import resolve_gpu_augment
 from .measure import peak_tflops
 
 SIZES: dict[str, dict[str, Any]] = {
@@ -156,9 +158,6 @@ def _check_args(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 
 def resolve_options(args: argparse.Namespace) -> BenchOptions:
     """Defaults by device and --quick; one-line ValueErrors for impossible values."""
-    from ..loader import default_num_workers
-    from ..pretraining import resolve_gpu_augment
-
     sizes, sections = _check_args(args)
     cuda, quick = args.device == "cuda", args.quick
     image_size = args.image_size or (32 if quick else 224)
