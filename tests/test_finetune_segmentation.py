@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from densecl_vit.hub_cards.cards import load_eval_results
 from densecl_vit.modeling import DenseCLViTForPreTraining, DenseCLViTForSemanticSegmentation
-from densecl_vit.training.config import load_config
+from densecl_vit.training.config import parse_config
 from densecl_vit.training.engine import cli_main
 from densecl_vit.training.evaluation import EvalSource, open_eval_source
 from densecl_vit.training.finetuning import FinetuneTask, PairedSample, build_optimizer
@@ -122,7 +122,10 @@ def test_missing_class_names_say_how_to_supply_them(files, tmp_path, capsys):
 @pytest.mark.parametrize("size", ["tiny", "small", "base"])
 @pytest.mark.parametrize("head", ["linear", "upernet"])
 def test_table1_recipes_load_and_validate(size, head):
-    cfg = load_config(FinetuneSegmentationConfig, RECIPES_DIR / f"finetune_seg_ade20k_vit_{size}_{head}.yaml")
+    cfg = parse_config(
+        FinetuneSegmentationConfig,
+        ["--config", str(RECIPES_DIR / f"finetune_seg_ade20k_vit_{size}_{head}.yaml")],
+    )
     cfg.validate()
     assert (cfg.decode_head, cfg.model, cfg.crop_size, cfg.epochs) == (head, f"vit-{size}", (512, 512), 64)
     assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.layer_decay) == ("adamw", 1e-4, 0.005, 0.65)

@@ -352,15 +352,10 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> Path:
-    """Write the resolved config as YAML (atomically); ``load_config`` reads it back."""
+    """Write the resolved config as YAML (atomically); ``parse_config(cls, ["--config", path])`` reads it back."""
     path = Path(path)
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return path
-
-
-def load_config(cls: type[T], path: str | os.PathLike) -> T:
-    """Read a YAML file written by ``save_config`` (or by hand) into a ``cls`` instance."""
-    return _build(cls, _read_yaml(cls, path))
 
 
 def config_diff(a: dict[str, Any], b: dict[str, Any], keys: Sequence[str]) -> list[str]:
