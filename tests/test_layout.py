@@ -11,6 +11,7 @@ listed below it. Once any listed subpackage exists, every module of `training` m
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -169,6 +170,39 @@ def test_every_training_module_has_a_place_once_there_are_subpackages(modules):
     assert unplaced(modules) == []
 
 
+def architecture_section(readme: str) -> str | None:
+    """The README's "## Architecture" section, up to the next "## " heading; None when there is none."""
+    start = readme.find("\n## Architecture\n")
+    if start < 0:
+        return None
+    end = readme.find("\n## ", start + 1)
+    return readme[start : end if end >= 0 else len(readme)]
+
+
+def reading_lists(section: str) -> list[list[str]]:
+    """The numbered lists of files of the section ("1. `path`: ..."), in order."""
+    lists: list[list[str]] = []
+    for line in section.splitlines():
+        match = re.match(r"(\d+)\. `([^`]+)`", line)
+        if match and match.group(1) == "1":
+            lists.append([])
+        if match:
+            lists[-1].append(match.group(2))
+    return lists
+
+
+def test_the_readme_reading_lists_name_existing_files_within_budget():
+    """Pre-training in at most 8 files, segmentation fine-tuning in at most 9, every one of them there."""
+    section = architecture_section((ROOT / "README.md").read_text())
+    if section is None:
+        pytest.skip("the README has no Architecture section")
+    lists = reading_lists(section)
+    assert [len(files) <= budget for files, budget in zip(lists, (8, 9))] == [True, True]
+    assert [path for files in lists for path in files if not (ROOT / path).is_file()] == []
+    named = set(re.findall(r"`((?:training|tests)/[\w/.]+)`", section))
+    assert [path for path in named if not (ROOT / path).exists()] == []
+
+
 # --- the checks can fail ---------------------------------------------------------------------------------
 
 
@@ -219,3 +253,9 @@ def test_forbidden_and_upward_imports_are_reported(tmp_path):
         f"{PACKAGE}.training.engine.loop imports {PACKAGE}.hub_cards.export",
     ]
     assert unplaced(modules) == [f"{PACKAGE}.training.evaluation", f"{PACKAGE}.training.stray"]
+
+
+def test_reading_lists_are_read_per_list():
+    section = "\n## Architecture\n\n1. `a.py`: x;\n2. `b/c.py`: y.\n\ntext\n\n1. `d.py`: z.\n\n## Next\n"
+    assert architecture_section("# t\n" + section + "more") == section[: section.index("\n## Next")]
+    assert reading_lists(section) == [["a.py", "b/c.py"], ["d.py"]]
