@@ -50,6 +50,8 @@ from densecl_vit.modeling import (
     DenseCLViTModel,
     modeling_densecl_vit,
 )
+from densecl_vit.training.inference import load_image, model_task
+from densecl_vit.training.visualize import PICTURE_SUFFIXES, prediction_picture, save_png
 
 from . import stock
 from .cards import CardInputs, load_training_config, render_model_card, training_sources
@@ -294,8 +296,6 @@ def build_release(
 
 def _example_photo(path: str | os.PathLike | None) -> PIL.Image.Image | None:
     """The example photograph as RGB, read before anything is written; None when no example is wanted."""
-    from densecl_vit.training.inference import load_image
-
     if path is None:
         return None
     try:
@@ -312,9 +312,6 @@ def _write_example(
 ) -> tuple[str, str]:
     """Save the model's prediction on `photo` (read from `source`), drawn as scripts/predict.py draws it, in
     `output`; returns the picture's name and the card's caption of it."""
-    from densecl_vit.training.inference import model_task
-    from densecl_vit.training.visualize import PICTURE_SUFFIXES, prediction_picture, save_png
-
     task = model_task(model)
     name = f"example{PICTURE_SUFFIXES[task]}"
     save_png(prediction_picture(model, processor, photo), output / name)

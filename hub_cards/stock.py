@@ -42,11 +42,10 @@ from transformers import (
 )
 
 from densecl_vit.modeling import DenseCLViTImageProcessor, DenseCLViTModel
-from densecl_vit.training.conversion import densecl_to_hf_vit, densecl_to_timm
+from densecl_vit.training.conversion import densecl_to_hf_vit, densecl_to_timm, timm_kwargs
 
 from .snippets import StockFormats
 
-TIMM_LAYER_NORM_EPS = 1e-6
 # Our UPerNet names -> transformers UperNetForSemanticSegmentation names; applied in order, all that match.
 UPERNET_NAMES = [
     (r"^decode_head\.pyramid\.fpn1\.0\.", "backbone.fpn.fpn1.conv_transpose1."),
@@ -286,24 +285,6 @@ def stock_image_processor(processor: DenseCLViTImageProcessor, stock_model: PreT
     if isinstance(stock_model, DepthAnythingForDepthEstimation):
         return DPTImageProcessor(keep_aspect_ratio=False, ensure_multiple_of=1, do_pad=False, **kwargs)
     return ViTImageProcessor(**kwargs)
-
-
-def timm_kwargs(encoder: DenseCLViTModel) -> dict[str, Any] | None:
-    """Keyword arguments of timm's `VisionTransformer` for this encoder, None when timm cannot match it."""
-    config = encoder.config
-    if config.layer_norm_eps != TIMM_LAYER_NORM_EPS or config.hidden_act != "gelu":
-        return None
-    return {
-        "img_size": config.image_size,
-        "patch_size": config.patch_size,
-        "in_chans": config.num_channels,
-        "embed_dim": config.hidden_size,
-        "depth": config.num_hidden_layers,
-        "num_heads": config.num_attention_heads,
-        "mlp_ratio": float(config.mlp_ratio),
-        "qkv_bias": config.qkv_bias,
-        "num_classes": 0,
-    }
 
 
 def timm_state_dict(encoder: DenseCLViTModel) -> dict[str, torch.Tensor]:

@@ -22,6 +22,9 @@ import logging
 import sys
 from pathlib import Path
 
+from safetensors.torch import save_file
+from transformers import ViTConfig, ViTModel
+
 import densecl_vit  # noqa: F401  (registers the Auto classes before anything is saved)
 from densecl_vit.modeling.configuration_densecl_vit import DenseCLViTConfig
 from densecl_vit.modeling.image_processing_densecl_vit import (
@@ -128,8 +131,6 @@ def export_checkpoint(args: argparse.Namespace) -> None:
 
 def export_timm(state_dict: dict, config: DenseCLViTConfig, output: Path) -> None:
     """A safetensors state dict for timm's VisionTransformer; the architecture goes into the file's metadata."""
-    from safetensors.torch import save_file
-
     if output.suffix != ".safetensors":
         raise ValueError(f"--to timm writes one .safetensors file; got --output {output}.")
     if config.layer_norm_eps != TIMM_LAYER_NORM_EPS:
@@ -151,8 +152,6 @@ def export_timm(state_dict: dict, config: DenseCLViTConfig, output: Path) -> Non
 
 def export_hf_vit(state_dict: dict, config: DenseCLViTConfig, output: Path) -> None:
     """A transformers ViTModel folder (no pooler), saved by transformers itself."""
-    from transformers import ViTConfig, ViTModel
-
     vit_config = ViTConfig(
         hidden_size=config.hidden_size,
         num_hidden_layers=config.num_hidden_layers,

@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
+from densecl_vit.hub_cards.export import ReleaseOptions, build_release
 from densecl_vit.training.demo import DEFAULT, QUICK, check_finite, exit_status, run_demo
 
 
@@ -30,11 +32,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def export_release(model_dir: Path, output: Path) -> Path:
+    """A Hub-ready folder (weights, config, remote code, model card, eval results) built from `model_dir`."""
+    build_release(model_dir, output, ReleaseOptions(overwrite=True))
+    return output
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k not in ("output_dir", "quick") and v is not None}
     settings = dataclasses.replace(QUICK if args.quick else DEFAULT, **overrides)
-    return exit_status(lambda: check_finite(run_demo(settings, args.output_dir)))
+    return exit_status(lambda: check_finite(run_demo(settings, args.output_dir, export=export_release)))
 
 
 if __name__ == "__main__":

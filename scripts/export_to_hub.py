@@ -1,9 +1,9 @@
 """Build a Hub release folder from a DenseCL-ViT model folder and optionally push it in one commit.
 
-    python scripts/export_to_hub.py --model outputs/seg-upernet-s/final --output release/seg-s
-    python scripts/export_to_hub.py --model outputs/pretrain-s --output release/vit-s \\
+    python scripts/export_to_hub.py --model outputs/seg-upernet-s/final --output-dir release/seg-s
+    python scripts/export_to_hub.py --model outputs/pretrain-s --output-dir release/vit-s \\
         --push --repo-id my-org/densecl-vit-small --revision v1.0 --dry-run
-    python scripts/export_to_hub.py --model outputs/seg-linear-s/final --output release/seg-s-code --format remote-code
+    python scripts/export_to_hub.py --model outputs/seg-linear-s/final --output-dir release/seg-s-code --format remote-code
 
 The folder is exactly what the repository will hold (weights, config, processor, the model card and the run's
 published artefacts); see `densecl_vit.hub_cards.export`. `--format auto` (default) puts the stock transformers
@@ -33,7 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--model", required=True, type=Path, help="save_pretrained folder of the model to release"
     )
-    parser.add_argument("--output", required=True, type=Path, help="release folder to write")
+    parser.add_argument(
+        "--output-dir", "--output", dest="output", required=True, type=Path, help="release folder to write"
+    )
     parser.add_argument(
         "--format",
         default="auto",
@@ -47,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--base-model", help="Hub id the model was fine-tuned from (default: from the run config)"
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir folder")
     example = parser.add_mutually_exclusive_group()
     example.add_argument(
         "--example-image",

@@ -1,6 +1,6 @@
 """Render the synthetic indoor-scene dataset (RGB, semantic labels, metric depth) into a parquet folder.
 
-    python scripts/make_synthetic_scenes.py --output data/synthetic-scenes --num-train 2000 --num-val 200
+    python scripts/make_synthetic_scenes.py --output-dir data/synthetic-scenes --num-train 2000 --num-val 200
 
 The folder loads with `datasets.load_dataset(folder)` or
 `densecl_vit.training.synthetic_dataset.load_synthetic_dataset(folder, split)`. A folder that already holds
@@ -17,7 +17,9 @@ from densecl_vit.training.synthetic_dataset import dataset_is_complete, write_da
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", required=True, help="dataset folder to write")
+    parser.add_argument(
+        "--output-dir", "--output", dest="output", required=True, help="dataset folder to write"
+    )
     parser.add_argument("--num-train", type=int, required=True, help="number of training images")
     parser.add_argument("--num-val", type=int, default=0, help="number of validation images")
     parser.add_argument("--image-size", type=int, default=128, help="side of the square images, in pixels")

@@ -1,5 +1,5 @@
 """The demo end to end at toy size (`scripts/demo.py --quick`): every artefact, finite metrics, the printed table;
-and the pieces it is made of (the loss curve reader, the metric check, in-process stage runs)."""
+and the pieces it is made of (the loss curve reader, the metric check, in-process stage runs on typed options)."""
 
 import dataclasses
 import json
@@ -11,18 +11,23 @@ import torch
 from conftest import load_script
 from safetensors.torch import load_file
 
+from densecl_vit.training.config import config_to_dict, parse_config
 from densecl_vit.training.demo import (
     QUICK,
     StageInterrupted,
     check_finite,
+    depth_config,
     format_results,
     loss_curve,
-    pretrain_argv,
+    pretrain_config,
     run_stage,
+    segmentation_config,
     torch_threads,
 )
+from densecl_vit.training.depth import FinetuneDepthConfig
 from densecl_vit.training.pretraining import PretrainConfig
 from densecl_vit.training.pretraining import main as pretrain_main
+from densecl_vit.training.segmentation import FinetuneSegmentationConfig
 
 
 @pytest.fixture(scope="module")
@@ -104,10 +109,10 @@ def test_check_finite_names_the_bad_metric():
 
 
 def test_run_stage_refuses_bad_settings_before_loading(tmp_path):
-    argv = pretrain_argv(QUICK, tmp_path / "no-data", tmp_path / "run", "vit-tiny")
-    argv += ["--image-size", "30"]  # the last value wins, as on the command line; 30 is no multiple of 16
+    cfg = pretrain_config(QUICK, tmp_path / "no-data", tmp_path / "run", "vit-tiny")
+    cfg = dataclasses.replace(cfg, image_size=30)  # no multiple of 16
     with pytest.raises(ValueError, match="multiple of the patch size"):
-        run_stage(pretrain_main, PretrainConfig, argv)
+        run_stage(pretrain_main, cfg)
     assert not (tmp_path / "run").exists()
 
 
@@ -121,17 +126,54 @@ class StageOptions:
             raise ValueError("--steps must be >= 1")
 
 
-def test_run_stage_parses_validates_and_stops_on_an_interrupted_run():
-    assert run_stage(
-        lambda cfg: {"status": "completed", "steps": cfg.steps}, StageOptions, ["--steps", 3]
-    ) == {
-        "status": "completed",
-        "steps": 3,
-    }
+def test_run_stage_validates_and_stops_on_an_interrupted_run():
+    result = run_stage(lambda cfg: {"status": "completed", "steps": cfg.steps}, StageOptions(steps=3))
+    assert result == {"status": "completed", "steps": 3}
     with pytest.raises(ValueError, match="--steps must be"):
-        run_stage(lambda cfg: {}, StageOptions, ["--steps", 0])
+        run_stage(lambda cfg: {}, StageOptions(steps=0))
     with pytest.raises(StageInterrupted, match="out stopped at step 2"):
-        run_stage(lambda cfg: {"status": "preempted", "steps": 2}, StageOptions, [])
+        run_stage(lambda cfg: {"status": "preempted", "steps": 2}, StageOptions())
+
+
+def test_stage_options_are_what_the_scripts_parse_from_the_same_command_line():
+    """The typed options of each stage against scripts' command lines (the settings the study keys its runs on,
+    so a change here would restart every stored study run)."""
+    s = dataclasses.replace(QUICK, layer_decay=0.5, crop_scale=(0.3, 0.9))
+    pretrain = [
+        "--dataset", "d", "--image-column", "image", "--model", "m.json", "--image-size", "32",
+        "--per-device-batch-size", "4", "--max-steps", "2", "--lr", "0.004", "--loss", "global",
+        "--crop-scale", "0.3,0.9", "--projection-hidden-size", "32", "--projection-dim", "16",
+        "--log-every", "1", "--checkpoint-every", "2", "--keep-last", "1", "--num-workers", "0",
+        "--seed", "7", "--plot-curves", "false", "--output-dir", "o", "--gpu-augment", "false",
+    ]  # fmt: skip
+    common = [
+        "--dataset", "d", "--model", "e", "--crop-size", "32,32", "--per-device-batch-size", "4",
+        "--max-steps", "2", "--lr", "0.003", "--layer-decay", "0.5", "--warmup-fraction", "0.05",
+        "--log-every", "1", "--checkpoint-every", "2", "--keep-last", "1", "--num-workers", "0",
+        "--seed", "0", "--plot-curves", "false", "--dataset-name", "synthetic-scenes", "--output-dir", "o",
+    ]  # fmt: skip
+    segmentation = [
+        *common, "--image-column", "image", "--label-column", "annotation", "--decode-head", "linear",
+        "--scale-bounds", "32,32", "--scale-range", "0.75,1.5", "--eval-window", "32", "--eval-stride", "32",
+    ]  # fmt: skip
+    depth = [
+        *common, "--image-column", "image", "--depth-column", "depth_map", "--depth-head", "linear",
+        "--eigen-crop", "false",
+    ]  # fmt: skip
+    pairs = [
+        (
+            parse_config(PretrainConfig, pretrain),
+            pretrain_config(s, Path("d"), Path("o"), "m.json", "global", 7),
+        ),
+        (
+            parse_config(FinetuneSegmentationConfig, segmentation),
+            segmentation_config(s, Path("d"), "e", Path("o")),
+        ),
+        (parse_config(FinetuneDepthConfig, depth), depth_config(s, Path("d"), "e", Path("o"))),
+    ]
+    for parsed, typed in pairs:
+        assert type(typed) is type(parsed) and typed == parsed
+        assert repr(config_to_dict(typed)) == repr(config_to_dict(parsed))  # same types too (1 vs 1.0)
 
 
 def test_torch_threads_sets_and_restores_the_thread_count():

@@ -12,7 +12,7 @@ from transformers.modeling_outputs import DepthEstimatorOutput
 
 from densecl_vit.hub_cards.cards import load_eval_results
 from densecl_vit.modeling import DenseCLViTForDepthEstimation
-from densecl_vit.training.config import load_config
+from densecl_vit.training.config import parse_config
 from densecl_vit.training.depth import (
     DEPTH_METRICS,
     FinetuneDepthConfig,
@@ -74,7 +74,9 @@ def test_validate_refuses_bad_options(files):
 @pytest.mark.parametrize("size", ["tiny", "small", "base"])
 @pytest.mark.parametrize("head", ["linear", "upernet", "dpt"])
 def test_table2_recipes_load_and_validate(size, head):
-    cfg = load_config(FinetuneDepthConfig, RECIPES_DIR / f"finetune_depth_nyu_vit_{size}_{head}.yaml")
+    cfg = parse_config(
+        FinetuneDepthConfig, ["--config", str(RECIPES_DIR / f"finetune_depth_nyu_vit_{size}_{head}.yaml")]
+    )
     cfg.validate()
     assert (cfg.depth_head, cfg.model, cfg.optimizer, cfg.lr, cfg.epochs) == (
         head,

@@ -19,16 +19,19 @@ from safetensors.torch import load_file
 
 from densecl_vit.hub_cards.cards import load_eval_results
 from densecl_vit.modeling import DenseCLViTForPreTraining, DenseCLViTForSemanticSegmentation
-from densecl_vit.training.config import load_config
+from densecl_vit.training.config import parse_config
 from densecl_vit.training.engine import cli_main
 from densecl_vit.training.evaluation import EvalSource, open_eval_source
-from densecl_vit.training.finetuning import build_optimizer
+from densecl_vit.training.finetuning import FinetuneTask, PairedSample, build_optimizer
 from densecl_vit.training.metrics.mean_iou.mean_iou import reduce_zero_label as metric_reduce
 from densecl_vit.training.model_start import load_task_model
 from densecl_vit.training.segmentation import (
     RECIPES_DIR,
+    TASK,
     FinetuneSegmentationConfig,
+    SegmentationTask,
     eval_sample_fn,
+    evaluation_report,
     main,
     read_id2label,
     reduce_zero_label,
@@ -119,7 +122,10 @@ def test_missing_class_names_say_how_to_supply_them(files, tmp_path, capsys):
 @pytest.mark.parametrize("size", ["tiny", "small", "base"])
 @pytest.mark.parametrize("head", ["linear", "upernet"])
 def test_table1_recipes_load_and_validate(size, head):
-    cfg = load_config(FinetuneSegmentationConfig, RECIPES_DIR / f"finetune_seg_ade20k_vit_{size}_{head}.yaml")
+    cfg = parse_config(
+        FinetuneSegmentationConfig,
+        ["--config", str(RECIPES_DIR / f"finetune_seg_ade20k_vit_{size}_{head}.yaml")],
+    )
     cfg.validate()
     assert (cfg.decode_head, cfg.model, cfg.crop_size, cfg.epochs) == (head, f"vit-{size}", (512, 512), 64)
     assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.layer_decay) == ("adamw", 1e-4, 0.005, 0.65)
@@ -257,6 +263,38 @@ def test_evaluate_module_accumulator_and_script_path_agree(files, tmp_path, tiny
     for name in ("mean_iou", "mean_accuracy", "overall_accuracy", "per_category_iou"):
         np.testing.assert_allclose(metrics[name], expected[name])
         np.testing.assert_allclose(accumulator.compute()[name], expected[name])
+
+
+def test_the_task_prepares_from_its_options_and_evaluates_with_the_run_protocol(files, tmp_path, tiny):
+    cfg = tiny_cfg(files, tmp_path, decode_head="upernet", ignore_index=254, eval_window=16, eval_stride=8)
+    task = SegmentationTask(cfg)
+    assert (task.name, task.model_class, task.resolve_columns) == (
+        TASK,
+        DenseCLViTForSemanticSegmentation,
+        resolve_columns,
+    )
+    source = open_eval_source(cfg, "validation", task.resolve_columns, 2)
+    sample, overrides = task.prepare(source.stream.features, source.columns)
+    assert overrides["num_labels"] == 3 and overrides["label2id"] == {v: k for k, v in NAMES.items()}
+    assert (overrides["decode_head"], overrides["semantic_loss_ignore_index"]) == ("upernet", 254)
+    assert isinstance(sample, PairedSample) and sample.decode.ignore_index == 254
+    model, accelerator = tiny_model(tiny), Accelerator(cpu=True)
+    protocol = SegmentationProtocol(window=16, stride=8, scale_bounds=(64, 32), ignore_index=254)
+    report, expected = (
+        task.evaluate(model, source, accelerator),
+        evaluation_report(model, source, accelerator, protocol),
+    )
+    assert report["protocol"] == expected["protocol"] == protocol.to_dict()
+    assert report["metrics"] == expected["metrics"] and report["num_samples"] == expected["num_samples"] == 2
+
+
+def test_a_task_without_its_evaluation_cannot_be_built(files, tmp_path):
+    class NoEvaluation(FinetuneTask):
+        def prepare(self, features, columns):
+            return None, {}
+
+    with pytest.raises(TypeError, match="evaluate"):
+        NoEvaluation(tiny_cfg(files, tmp_path))
 
 
 def make_loader(source: EvalSource, accelerator, protocol):

@@ -1,15 +1,20 @@
+import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import types
 
 import pytest
 import torch
 from accelerate import Accelerator, debug_launcher
+from accelerate.commands.launch import launch_command_parser
 from accelerate.state import AcceleratorState
 from torch import nn
 
+from densecl_vit.training import guards
+from densecl_vit.training.engine import TrainingArgs
 from densecl_vit.training.guards import NonFiniteGuard, PreemptionHandler, TrainingDiverged, grad_norm_of
 from densecl_vit.training.runlog import MetricsLogger, ThroughputMeter, progress_bar, write_json
 
@@ -283,3 +288,15 @@ def test_gradient_norm_without_clipping_is_torchs_norm_and_leaves_the_gradients_
         torch.testing.assert_close(grad_norm_of(model.parameters()), torch.tensor(0.5))
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_the_module_example_and_the_divergence_message_name_real_options():
+    fields = {f.name for f in dataclasses.fields(TrainingArgs)}
+    message = NonFiniteGuard._message(10, float("nan"), None, 3)
+    ours = set(re.findall(r"(?<!_)--([a-z][a-z-]*[a-z])\b", message))
+    launch = set(re.findall(r"accelerate launch (--[a-z_]+)", message))
+    assert ours and launch
+    assert {name.replace("-", "_") for name in ours} <= fields
+    launch_flags = {flag for action in launch_command_parser()._actions for flag in action.option_strings}
+    assert launch <= launch_flags
+    assert set(re.findall(r"cfg\.(\w+)", guards.__doc__)) <= fields

@@ -29,7 +29,7 @@ from densecl_vit import (
     DenseCLViTModel,
 )
 from densecl_vit.training.checkpoint import validate_checkpoint
-from densecl_vit.training.config import ConfigError, load_config, parse_config
+from densecl_vit.training.config import ConfigError, parse_config
 from densecl_vit.training.engine import TrainerState, TrainingArgs, cli_main, total_steps_for
 from densecl_vit.training.loop import train_loop
 from densecl_vit.training.pretraining import PretrainConfig, build_data, build_model, main
@@ -178,7 +178,9 @@ def test_bad_settings_fail_with_one_line(options, message):
 def test_recipes_hold_the_papers_settings(size):
     from densecl_vit.training.optim import scaled_lr
 
-    cfg = load_config(PretrainConfig, REPO / "training" / "recipes" / f"pretrain_vit_{size}.yaml")
+    cfg = parse_config(
+        PretrainConfig, ["--config", str(REPO / "training" / "recipes" / f"pretrain_vit_{size}.yaml")]
+    )
     cfg.validate()
     assert cfg.model == f"vit-{size}" and cfg.image_size == 224 and cfg.loss == "local-global"
     assert cfg.per_device_batch_size == 128 and scaled_lr(cfg.lr, 16 * 128) == pytest.approx(8e-4)
@@ -253,7 +255,7 @@ def test_sixty_steps_lower_the_loss_and_write_loadable_outputs(files, tmp_path):
     assert summary["status"] == "completed" and summary["steps"] == 60 and summary["images_seen"] == 240
     assert summary["final_loss"] == pytest.approx(losses[-1])
     assert summary["total_batch_size"] == 4 and summary["encoder_dir"] == "final"
-    saved = load_config(PretrainConfig, out / "config.yaml")
+    saved = parse_config(PretrainConfig, ["--config", str(out / "config.yaml")])
     assert saved.crop_scale == (0.35, 1.0)
     assert saved.gpu_augment is False  # "none" resolved to what ran: the CPU path, without an accelerator
 
@@ -286,7 +288,7 @@ def test_dense_loss_trains_through_both_augmentation_paths(files, tmp_path, gpu_
     loss = "0.25*local-global+local-local"
     assert run(tiny_args(files, out, "--max-steps", "2", gpu_augment, "--loss", loss)) == 0
     assert all(np.isfinite(r["loss"]) for r in metrics(out))
-    saved = load_config(PretrainConfig, out / "config.yaml")
+    saved = parse_config(PretrainConfig, ["--config", str(out / "config.yaml")])
     assert saved.gpu_augment is (gpu_augment == "--gpu-augment") and saved.loss == loss
     assert json.loads((out / "final" / "config.json").read_text())["pretraining_loss"] == loss
 

@@ -36,7 +36,6 @@ from densecl_vit.training.transforms import (
     host_color_params,
     image_to_uint8_tensor,
     naive_torchvision_two_view,
-    sample_color_params,
     sample_color_params_torch,
     sample_crop_box,
 )
@@ -207,7 +206,8 @@ def test_color_params_map_uniforms_to_configured_ranges():
 def test_cpu_and_batched_parameter_distributions_agree():
     n = 20_000
     cfg = SimCLRAugmentConfig(blur_p=(1.0, 0.1))
-    cpu = sample_color_params(cfg, n, 1, np.random.default_rng(0))
+    uniforms = np.random.default_rng(0).random((n, COLOR_UNIFORMS), dtype=np.float32)  # as the CPU path draws
+    cpu = color_params_from_uniform(torch.from_numpy(uniforms), cfg, 1)
     batched = sample_color_params_torch(cfg, n, 1, torch.Generator().manual_seed(0))
     critical = ks_critical(n, n)
     for name, low, high in [("brightness", 0.6, 1.4), ("contrast", 0.6, 1.4), ("saturation", 0.8, 1.2),
@@ -495,7 +495,13 @@ def test_matched_patches_of_the_two_views_show_the_same_source_pixels():
 
     size, patch, grid = 32, 8, 4
     cfg = SimCLRAugmentConfig(
-        image_size=size, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, mean=(0, 0, 0), std=(1, 1, 1), gpu_color=True
+        image_size=size,
+        jitter_p=0.0,
+        grayscale_p=0.0,
+        blur_p=0.0,
+        mean=(0, 0, 0),
+        std=(1, 1, 1),
+        gpu_color=True,
     )
     transform, image, matched = TwoViewTransform(cfg), _coordinate_image(), 0
     for seed in range(12):

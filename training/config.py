@@ -15,8 +15,10 @@ options, converting each value to the field's annotated type::
 
 Bool fields accept ``--flag``, ``--no-flag`` and ``--flag true|false``; tuple and list fields accept
 comma-separated values, several values after the option, or the option repeated; ``Optional`` fields
-accept ``none``; ``Literal`` fields accept only their choices. Mistyped names fail with a one-line
-``ConfigError`` that suggests the closest valid names.
+accept ``none``; ``Literal`` fields accept only their choices. transformers' example-script names of the same
+options are aliases (``ALIASES``: ``--model_name_or_path``, ``--learning_rate``, ``--per_device_train_batch_size``,
+``--resume_from_checkpoint``). Mistyped names fail with a one-line ``ConfigError`` that suggests the closest
+valid names.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import os
 import sys
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
@@ -40,6 +42,14 @@ T = TypeVar("T")
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
 _NONE = ("none", "null", "~")
+# transformers' example-script names of the same options: a command line or YAML file written for those scripts
+# reads here too. An alias applies only where the config has its target and no field of its own name.
+ALIASES = {
+    "model_name_or_path": "model",
+    "learning_rate": "lr",
+    "per_device_train_batch_size": "per_device_batch_size",
+    "resume_from_checkpoint": "resume_from",
+}
 
 
 class ConfigError(ValueError):
@@ -182,6 +192,14 @@ def _default(f: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
+def _field_name(table: Mapping[str, Any], key: str) -> str:
+    """The field a command-line or YAML name sets: dashes read as underscores, `ALIASES` resolved."""
+    name = key.replace("-", "_")
+    if name not in table and ALIASES.get(name) in table:
+        return ALIASES[name]
+    return name
+
+
 def _suggest(name: str, valid: Sequence[str], prefix: str) -> str:
     """``"; did you mean --a, --b?"`` for the closest of ``valid`` (compared in dashed form), else ``""``."""
     dashed = {v.replace("_", "-"): v for v in valid}
@@ -207,12 +225,12 @@ def _read_yaml(cls: type, path: str | os.PathLike) -> dict[str, Any]:
     table = _fields(cls)
     values: dict[str, Any] = {}
     for key, value in data.items():
-        name = str(key).replace("-", "_")
+        name = _field_name(table, str(key))
         if name not in table:
             hint = _suggest(str(key), list(table), prefix="") or "; see the script's --help"
             raise ConfigError(f"unknown key {key!r} in {path}{hint}")
         if name in values:
-            raise ConfigError(f"{path.name} sets {name} twice (with dashes and with underscores)")
+            raise ConfigError(f"{path.name} sets {name} twice (with dashes, underscores or an alias)")
         values[name] = convert_value(value, table[name][1], f"{name} in {path.name}")
     return values
 
@@ -231,7 +249,7 @@ def _parse_cli(cls: type, argv: Sequence[str]) -> tuple[str | None, dict[str, An
         if not token.startswith("--") or token == "--":
             raise ConfigError(f"unexpected argument {token!r}; options look like --name value")
         key, has_inline, inline = token[2:].partition("=")
-        name = key.replace("-", "_")
+        name = _field_name(table, key)
         values: list[str] = [inline] if has_inline else []
         j = i + 1
         while not has_inline and j < len(argv) and not argv[j].startswith("--"):
@@ -279,6 +297,7 @@ def format_help(cls: type, prog: str | None = None) -> str:
     for name, (f, tp) in _fields(cls).items():
         flag = "--" + name.replace("_", "-")
         flag += f", --no-{name.replace('_', '-')}" if _is_bool(tp) else f" {_type_name(tp)}"
+        flag += "".join(f" (alias --{alias})" for alias, target in ALIASES.items() if target == name)
         default = _default(f)
         shown = "required" if default is dataclasses.MISSING else f"default: {default!r}"
         help_text = f.metadata.get("help", "")
@@ -333,15 +352,10 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> Path:
-    """Write the resolved config as YAML (atomically); ``load_config`` reads it back."""
+    """Write the resolved config as YAML (atomically); ``parse_config(cls, ["--config", path])`` reads it back."""
     path = Path(path)
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return path
-
-
-def load_config(cls: type[T], path: str | os.PathLike) -> T:
-    """Read a YAML file written by ``save_config`` (or by hand) into a ``cls`` instance."""
-    return _build(cls, _read_yaml(cls, path))
 
 
 def config_diff(a: dict[str, Any], b: dict[str, Any], keys: Sequence[str]) -> list[str]:

@@ -369,3 +369,25 @@ __all__ = [
     "resize_to_image_size",
     "timm_to_densecl",
 ]
+
+
+# timm's `VisionTransformer` default; an encoder with another epsilon has no exact timm twin.
+TIMM_LAYER_NORM_EPS = 1e-6
+
+
+def timm_kwargs(encoder: torch.nn.Module) -> dict[str, Any] | None:
+    """Keyword arguments of timm's `VisionTransformer` for this encoder, None when timm cannot match it."""
+    config = encoder.config
+    if config.layer_norm_eps != TIMM_LAYER_NORM_EPS or config.hidden_act != "gelu":
+        return None
+    return {
+        "img_size": config.image_size,
+        "patch_size": config.patch_size,
+        "in_chans": config.num_channels,
+        "embed_dim": config.hidden_size,
+        "depth": config.num_hidden_layers,
+        "num_heads": config.num_attention_heads,
+        "mlp_ratio": float(config.mlp_ratio),
+        "qkv_bias": config.qkv_bias,
+        "num_classes": 0,
+    }

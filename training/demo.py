@@ -2,9 +2,9 @@
 local-to-global loss, fine-tune a linear segmentation head and a linear depth head from it, evaluate both, build
 two Hub-ready release folders with model cards, and print the results.
 
-Each stage is one of the project's scripts run in this process (`run_stage` parses and validates the same
-command line the script would get), so the demo exercises exactly what a user runs, without paying for a fresh
-interpreter (torch + transformers imports) per stage. Output layout under the demo folder::
+Each stage is one of the project's runs called in this process on the typed options its script would parse
+(`pretrain_config`, `segmentation_config`, `depth_config`; `run_stage` validates them as the script does), so the
+demo exercises what a user runs without paying for a fresh interpreter (torch + transformers imports) per stage. Output layout under the demo folder::
 
     data/                        the synthetic dataset (kept between runs with the same settings)
     pretrain/final/              the pre-trained encoder (+ results.json, metrics.jsonl, config.yaml)
@@ -24,19 +24,27 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
 from ..modeling.configuration_densecl_vit import parse_pretraining_loss
-from .config import parse_config
+from .depth import FinetuneDepthConfig
+from .depth import main as depth_main
+from .pretraining import PretrainConfig
+from .pretraining import main as pretrain_main
 from .runlog import read_json, write_json
+from .segmentation import FinetuneSegmentationConfig
+from .segmentation import main as segmentation_main
 from .synthetic_dataset import dataset_is_complete, load_synthetic_dataset, write_dataset
+from .visualize import render_example_prediction
 
 T = TypeVar("T")
 STAGE_DIRS = ("pretrain", "segmentation", "depth", "release")
+# (fine-tuned model folder, release folder) -> the release folder it wrote
+ExportRelease = Callable[[Path, Path], Path]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,13 +154,12 @@ def torch_threads(num_threads: int | None, num_workers: int) -> Iterator[int]:
         torch.set_num_threads(before)
 
 
-def run_stage(main_fn: Callable[[T], Any], cls: type[T], argv: Sequence[str]) -> Any:
-    """Parse `argv` into `cls` as the script would (YAML-free), validate it and run `main_fn`; returns its result.
+def run_stage(main_fn: Callable[[T], Any], cfg: T) -> Any:
+    """Validate `cfg` as the script would and run `main_fn` on it; returns its result.
 
     Bad options raise the script's one-line ValueError instead of exiting, so a caller can report the stage; a
     run stopped by a signal raises `StageInterrupted`, so that no later stage starts from its missing outputs.
     """
-    cfg = parse_config(cls, [str(arg) for arg in argv])
     cfg.validate()
     result = main_fn(cfg)
     if isinstance(result, Mapping) and result.get("status", "completed") != "completed":
@@ -185,67 +192,60 @@ def model_argument(model: str | Mapping[str, Any], folder: Path) -> str:
     return str(path)
 
 
-def pretrain_argv(
+def pretrain_config(
     s: DemoSettings,
     dataset: Path,
     output_dir: Path,
     model: str,
     loss: str | None = None,
     seed: int | None = None,
-) -> list[str]:
-    """The scripts/pretrain.py command line of a pre-training run with settings `s`."""
-    argv = [
-        "--dataset", dataset, "--image-column", "image", "--model", model,
-        "--image-size", s.image_size, "--per-device-batch-size", s.pretrain_batch_size,
-        "--max-steps", s.pretrain_steps, "--lr", s.pretrain_lr, "--loss", loss or s.loss,
-        "--crop-scale", f"{s.crop_scale[0]},{s.crop_scale[1]}",
-        "--projection-hidden-size", s.projection_hidden_size, "--projection-dim", s.projection_dim,
-        "--log-every", s.log_every, "--checkpoint-every", s.pretrain_steps, "--keep-last", 1,
-        "--num-workers", s.num_workers, "--seed", s.seed if seed is None else seed,
-        "--plot-curves", s.plot_curves, "--output-dir", output_dir,
-        "--gpu-augment", "false",  # the same augmentation stream on any machine (and a config the study can match)
-    ]  # fmt: skip
-    return [str(arg) for arg in argv]
+) -> PretrainConfig:
+    """The options of a pre-training run with settings `s` (what scripts/pretrain.py would parse)."""
+    return PretrainConfig(
+        dataset=str(dataset), image_column="image", model=model,
+        image_size=s.image_size, per_device_batch_size=s.pretrain_batch_size,
+        max_steps=s.pretrain_steps, lr=s.pretrain_lr, loss=loss or s.loss, crop_scale=tuple(s.crop_scale),
+        projection_hidden_size=s.projection_hidden_size, projection_dim=s.projection_dim,
+        log_every=s.log_every, checkpoint_every=s.pretrain_steps, keep_last=1,
+        num_workers=s.num_workers, seed=s.seed if seed is None else seed,
+        plot_curves=s.plot_curves, output_dir=str(output_dir),
+        gpu_augment=False,  # the same augmentation stream on any machine (and a config the study can match)
+    )  # fmt: skip
 
 
 def _finetune_common(
     s: DemoSettings, dataset: Path, encoder: str, output_dir: Path, seed: int | None
-) -> list:
-    crop = f"{s.image_size},{s.image_size}"
-    return [
-        "--dataset", dataset, "--model", encoder, "--crop-size", crop,
-        "--per-device-batch-size", s.finetune_batch_size, "--max-steps", s.finetune_steps, "--lr", s.finetune_lr,
-        "--layer-decay", "none" if s.layer_decay is None else s.layer_decay, "--warmup-fraction", 0.05,
-        "--log-every", s.log_every, "--checkpoint-every", s.finetune_steps, "--keep-last", 1,
-        "--num-workers", s.num_workers, "--seed", s.seed if seed is None else seed,
-        "--plot-curves", s.plot_curves, "--dataset-name", "synthetic-scenes", "--output-dir", output_dir,
-    ]  # fmt: skip
+) -> dict[str, Any]:
+    return dict(
+        dataset=str(dataset), model=encoder, crop_size=(s.image_size, s.image_size),
+        per_device_batch_size=s.finetune_batch_size, max_steps=s.finetune_steps, lr=s.finetune_lr,
+        layer_decay=s.layer_decay, warmup_fraction=0.05,
+        log_every=s.log_every, checkpoint_every=s.finetune_steps, keep_last=1,
+        num_workers=s.num_workers, seed=s.seed if seed is None else seed,
+        plot_curves=s.plot_curves, dataset_name="synthetic-scenes", output_dir=str(output_dir),
+    )  # fmt: skip
 
 
-def segmentation_argv(
+def segmentation_config(
     s: DemoSettings, dataset: Path, encoder: str, output_dir: Path, seed: int | None = None
-) -> list[str]:
-    """The scripts/finetune_segmentation.py command line: linear head, images at their rendered size."""
+) -> FinetuneSegmentationConfig:
+    """The options of a segmentation run: linear head, images at their rendered size."""
     size = s.image_size
-    argv = [
-        *_finetune_common(s, dataset, encoder, output_dir, seed),
-        "--image-column", "image", "--label-column", "annotation", "--decode-head", "linear",
-        "--scale-bounds", f"{size},{size}", "--scale-range", "0.75,1.5",
-        "--eval-window", size, "--eval-stride", size,
-    ]  # fmt: skip
-    return [str(arg) for arg in argv]
+    return FinetuneSegmentationConfig(
+        **_finetune_common(s, dataset, encoder, output_dir, seed),
+        image_column="image", label_column="annotation", decode_head="linear",
+        scale_bounds=(size, size), scale_range=(0.75, 1.5), eval_window=size, eval_stride=size,
+    )  # fmt: skip
 
 
-def depth_argv(
+def depth_config(
     s: DemoSettings, dataset: Path, encoder: str, output_dir: Path, seed: int | None = None
-) -> list[str]:
-    """The scripts/finetune_depth.py command line: linear up-projection head, whole images at evaluation."""
-    argv = [
-        *_finetune_common(s, dataset, encoder, output_dir, seed),
-        "--image-column", "image", "--depth-column", "depth_map", "--depth-head", "linear",
-        "--eigen-crop", "false",
-    ]  # fmt: skip
-    return [str(arg) for arg in argv]
+) -> FinetuneDepthConfig:
+    """The options of a depth run: linear up-projection head, whole images at evaluation."""
+    return FinetuneDepthConfig(
+        **_finetune_common(s, dataset, encoder, output_dir, seed),
+        image_column="image", depth_column="depth_map", depth_head="linear", eigen_crop=False,
+    )  # fmt: skip
 
 
 # --- stages -------------------------------------------------------------------------------------------
@@ -271,18 +271,8 @@ def loss_curve(run_dir: Path) -> tuple[float, float]:
 
 def render_example(run_dir: Path, dataset: Path) -> Path:
     """example.png beside a fine-tuned run: its prediction on the first validation image (the card shows it)."""
-    from .visualize import render_example_prediction
-
     first = next(iter(load_synthetic_dataset(dataset, "validation", streaming=True)))
     return render_example_prediction(run_dir / "final", first["image"], run_dir / "example.png")
-
-
-def export_release(model_dir: Path, output: Path) -> Path:
-    """A Hub-ready folder (weights, config, remote code, model card, eval results) built from `model_dir`."""
-    from ..hub_cards.export import ReleaseOptions, build_release
-
-    build_release(model_dir, output, ReleaseOptions(overwrite=True))
-    return output
 
 
 def _fresh(folder: Path) -> Path:
@@ -292,15 +282,10 @@ def _fresh(folder: Path) -> Path:
     return folder
 
 
-def _stages(s: DemoSettings, paths: Mapping[str, Path]) -> list[tuple[str, str, Callable[[], Any]]]:
+def _stages(
+    s: DemoSettings, paths: Mapping[str, Path], export: ExportRelease
+) -> list[tuple[str, str, Callable[[], Any]]]:
     """(key, title, run) of every stage but the report, in order."""
-    from .depth import FinetuneDepthConfig
-    from .depth import main as depth_main
-    from .pretraining import PretrainConfig
-    from .pretraining import main as pretrain_main
-    from .segmentation import FinetuneSegmentationConfig
-    from .segmentation import main as segmentation_main
-
     data, encoder = paths["data"], str(paths["pretrain"] / "final")
     model = model_argument(s.model, paths["pretrain"])
 
@@ -308,25 +293,32 @@ def _stages(s: DemoSettings, paths: Mapping[str, Path]) -> list[tuple[str, str, 
         for task in ("segmentation", "depth"):
             render_example(paths[task], data)
         return {
-            task: export_release(paths[task] / "final", paths["release"] / task)
-            for task in ("segmentation", "depth")
+            task: export(paths[task] / "final", paths["release"] / task) for task in ("segmentation", "depth")
         }
 
     return [
         ("dataset", f"dataset: {s.num_train} + {s.num_val} synthetic scenes", lambda: ensure_dataset(s, data)),
         ("pretrain", f"pre-training: {s.pretrain_steps} steps, {s.loss} loss",
-         lambda: run_stage(pretrain_main, PretrainConfig, pretrain_argv(s, data, paths["pretrain"], model))),
+         lambda: run_stage(pretrain_main, pretrain_config(s, data, paths["pretrain"], model))),
         ("segmentation", f"segmentation: linear head, {s.finetune_steps} steps",
-         lambda: run_stage(segmentation_main, FinetuneSegmentationConfig,
-                           segmentation_argv(s, data, encoder, paths["segmentation"]))),
+         lambda: run_stage(segmentation_main, segmentation_config(s, data, encoder, paths["segmentation"]))),
         ("depth", f"depth: linear head, {s.finetune_steps} steps",
-         lambda: run_stage(depth_main, FinetuneDepthConfig, depth_argv(s, data, encoder, paths["depth"]))),
+         lambda: run_stage(depth_main, depth_config(s, data, encoder, paths["depth"]))),
         ("release", "example predictions and Hub-ready folders", publish),
     ]  # fmt: skip
 
 
-def run_demo(s: DemoSettings, output_dir: str | os.PathLike, echo: Callable[[str], None] = print) -> dict:
+def run_demo(
+    s: DemoSettings,
+    output_dir: str | os.PathLike,
+    echo: Callable[[str], None] = print,
+    *,
+    export: ExportRelease,
+) -> dict:
     """Every stage of the demo into `output_dir`; returns (and writes to demo_results.json) the numbers and paths.
+
+    `export(model_dir, output)` builds a Hub-ready folder and returns it: the caller passes `hub_cards`'
+    release builder, since the library sits below `hub_cards` and never imports it.
 
     Raises `StageInterrupted` when a signal stops a training stage (the later stages would have no input).
     """
@@ -335,7 +327,7 @@ def run_demo(s: DemoSettings, output_dir: str | os.PathLike, echo: Callable[[str
     paths = {name: root / name for name in ("data", *STAGE_DIRS)}
     for name in STAGE_DIRS:
         _fresh(paths[name])
-    stages = _stages(s, paths)
+    stages = _stages(s, paths, export)
     outputs: dict[str, Any] = {}
     timings: dict[str, float] = {}
     with torch_threads(s.num_threads, s.num_workers) as threads:

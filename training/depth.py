@@ -214,36 +214,33 @@ def resolve_columns(cfg: Any, features: Any) -> tuple[str, str]:
     return image_and_target_columns(features, cfg.image_column, cfg.depth_column, "depth")
 
 
-def prepare(
-    cfg: FinetuneDepthConfig, features: Any, columns: tuple[str, str]
-) -> tuple[PairedSample, dict[str, Any]]:
-    """The training sample function and the model's config overrides: the head and the depth range."""
-    overrides = {"depth_head": cfg.depth_head, "min_depth": cfg.min_depth, "max_depth": cfg.max_depth}
-    return train_sample_fn(cfg, columns), overrides
+class DepthTask(FinetuneTask):
+    """Monocular depth for `run_finetuning`: head and depth range from the options, evaluation by
+    `evaluation_report` with the run's depth range, Eigen crop and evaluation size."""
 
+    name = TASK
+    model_class = DenseCLViTForDepthEstimation
+    critical_keys = DEPTH_CRITICAL_KEYS
+    resolve_columns = staticmethod(resolve_columns)
+    cfg: FinetuneDepthConfig
 
-def evaluator(cfg: FinetuneDepthConfig, source: EvalSource, accelerator: Accelerator) -> Any:
-    """The periodic and final evaluation of a run: `evaluation_report` of the model on `source`."""
-    protocol = DepthProtocol(
-        cfg.min_depth, cfg.max_depth, auto_eigen_crop(cfg.eigen_crop, cfg.dataset), cfg.eval_size
-    )
-    return functools.partial(
-        evaluation_report,
-        source=source,
-        accelerator=accelerator,
-        protocol=protocol,
-        depth_scale=cfg.depth_scale,
-    )
+    def prepare(self, features: Any, columns: tuple[str, str]) -> tuple[PairedSample, dict[str, Any]]:
+        """The training sample function and the model's config overrides: the head and the depth range."""
+        cfg = self.cfg
+        overrides = {"depth_head": cfg.depth_head, "min_depth": cfg.min_depth, "max_depth": cfg.max_depth}
+        return train_sample_fn(cfg, columns), overrides
 
-
-DEPTH = FinetuneTask(
-    TASK, DenseCLViTForDepthEstimation, DEPTH_CRITICAL_KEYS, resolve_columns, prepare, evaluator
-)
+    def evaluate(self, model: nn.Module, source: EvalSource, accelerator: Accelerator) -> dict[str, Any]:
+        cfg = self.cfg
+        protocol = DepthProtocol(
+            cfg.min_depth, cfg.max_depth, auto_eigen_crop(cfg.eigen_crop, cfg.dataset), cfg.eval_size
+        )
+        return evaluation_report(model, source, accelerator, protocol, cfg.depth_scale)
 
 
 def main(cfg: FinetuneDepthConfig) -> dict[str, Any]:
     """Fine-tune as `cfg` says; returns the results written to results.json."""
-    return run_finetuning(cfg, DEPTH)
+    return run_finetuning(DepthTask(cfg))
 
 
 def evaluate_folder(cfg: EvaluateConfig, accelerator: Accelerator) -> dict[str, Any]:

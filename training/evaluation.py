@@ -1,6 +1,6 @@
 """What the fine-tuning runs and `scripts/evaluate_model.py` share to evaluate: the evaluation split as a loader,
-the local `evaluate` metric modules, the periodic evaluation callback of the training loop, the
-`eval_results.json` report the model cards read, and the options of evaluating a saved folder.
+the local `evaluate` metric modules, the `eval_results.json` report the model cards read, and the options of
+evaluating a saved folder.
 
 The task modules (`segmentation_eval`, `depth_eval`) add their protocol and metric.
 """
@@ -17,11 +17,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from accelerate import Accelerator
-from torch import nn
 
 from .config import option
 from .data import StreamingSamples
-from .engine import TrainerState
 from .loader import StreamLoader, build_dataloader
 from .runlog import write_json
 from .sources import open_stream
@@ -115,21 +113,6 @@ def write_eval_results(
         report["per_category"] = dict(per_category)
     write_json(path, report)
     return report
-
-
-class PeriodicEvaluator:
-    """The `evaluate(state)` callback of `loop.train_loop`: `evaluate_fn(model)` gives the eval_results.json
-    fields; it runs on the unwrapped model, and the last report is kept for the final write."""
-
-    def __init__(self, accelerator: Accelerator, model: nn.Module, evaluate_fn: Callable[[nn.Module], dict]):
-        self.accelerator, self.model, self.evaluate_fn = accelerator, model, evaluate_fn
-        self.last_step: int | None = None
-        self.last_report: dict[str, Any] | None = None
-
-    def __call__(self, state: TrainerState) -> dict[str, float]:
-        self.last_report = self.evaluate_fn(self.accelerator.unwrap_model(self.model))
-        self.last_step = state.step
-        return dict(self.last_report["metrics"])
 
 
 # --- evaluating a saved folder ------------------------------------------------------------------------

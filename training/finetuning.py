@@ -2,17 +2,18 @@
 (image, target) samples, and the run itself (`run_finetuning`): data, model (`model_start`), optimiser, resume,
 `loop.train_loop` with periodic evaluation, then final/, eval_results.json and results.json.
 
-A task module (`segmentation`, `depth`) describes itself as a `FinetuneTask`: its columns, sample decoding and
-transforms, model class and config, evaluation protocol and metric (`segmentation_eval`, `depth_eval`, on top of
-`evaluation`).
+A task module (`segmentation`, `depth`) implements `FinetuneTask`: its columns, sample decoding and transforms,
+model class and config, and its evaluation (protocol and metric in `segmentation_eval`, `depth_eval`, on top of
+`evaluation`). `RunEvaluation` calls the task's evaluation during and after training.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import PIL.Image
@@ -35,10 +36,10 @@ from .engine import (
     total_steps_for,
     train_loader,
 )
-from .evaluation import EvalSource, PeriodicEvaluator, open_eval_source, write_eval_results
+from .evaluation import EvalSource, open_eval_source, write_eval_results
 from .loader import StreamLoader
 from .loop import resume, train_loop
-from .model_start import describe_load, load_task_model
+from .model_start import describe_load, load_task_model, model_source
 from .optim import (
     build_adam,
     build_adamw,
@@ -48,7 +49,6 @@ from .optim import (
     poly_with_warmup,
     warmup_steps_from_fraction,
 )
-from .pretraining import model_source
 from .run_end import finish_run, save_model
 from .runlog import MetricsLogger
 from .sources import open_stream, resolve_column
@@ -189,30 +189,51 @@ class PairedSample:
 # --- the run ------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class FinetuneTask:
-    """What a task adds to the shared fine-tuning run.
+class FinetuneTask(abc.ABC):
+    """What a task adds to the shared fine-tuning run, built from the task's options (`self.cfg`).
 
-    `name`: the eval_results.json "task"; `model_class`: the task model; `critical_keys`: the options a resume
-    must not change;
-    `resolve_columns(cfg, features)` -> (image column, target column); `prepare(cfg, features, columns)` ->
-    (the training sample function, config overrides of the model: labels, head, depth range);
-    `evaluator(cfg, source, accelerator)` -> a function of the model giving the eval_results.json fields.
+    `name` is the eval_results.json "task", `model_class` the task model, `critical_keys` the options a resume
+    must not change, `resolve_columns(cfg, features)` the (image, target) columns of a stream (a plain function,
+    shared with evaluating a saved folder).
     """
 
-    name: str
-    model_class: type
-    critical_keys: tuple[str, ...]
-    resolve_columns: Callable[[Any, Any], tuple[str, str]]
-    prepare: Callable[[Any, Any, tuple[str, str]], tuple[Callable, dict[str, Any]]]
-    evaluator: Callable[[Any, EvalSource, Accelerator], Callable[[nn.Module], dict[str, Any]]]
+    name: ClassVar[str]
+    model_class: ClassVar[type[nn.Module]]
+    critical_keys: ClassVar[tuple[str, ...]]
+    resolve_columns: ClassVar[Callable[[Any, Any], tuple[str, str]]]
+
+    def __init__(self, cfg: FinetuneArgs) -> None:
+        self.cfg = cfg
+
+    @abc.abstractmethod
+    def prepare(self, features: Any, columns: tuple[str, str]) -> tuple[PairedSample, dict[str, Any]]:
+        """The training sample function and the model's config overrides (labels, head, depth range)."""
+
+    @abc.abstractmethod
+    def evaluate(self, model: nn.Module, source: EvalSource, accelerator: Accelerator) -> dict[str, Any]:
+        """The eval_results.json fields (all but "task") of `model` on `source`."""
 
 
-def build_model(
-    cfg: FinetuneArgs, task: FinetuneTask, overrides: Mapping[str, Any], accelerator: Accelerator
-) -> nn.Module:
+class RunEvaluation:
+    """The `evaluate(state)` callback of `loop.train_loop`: the task's evaluation of the unwrapped model on the
+    run's --eval-split; the last report and its step are kept for the final eval_results.json."""
+
+    def __init__(self, task: FinetuneTask, source: EvalSource, accelerator: Accelerator, model: nn.Module):
+        self.task, self.source, self.accelerator, self.model = task, source, accelerator, model
+        self.last_step: int | None = None
+        self.last_report: dict[str, Any] | None = None
+
+    def __call__(self, state: TrainerState) -> dict[str, float]:
+        model = self.accelerator.unwrap_model(self.model)
+        self.last_report = self.task.evaluate(model, self.source, self.accelerator)
+        self.last_step = state.step
+        return dict(self.last_report["metrics"])
+
+
+def build_model(task: FinetuneTask, overrides: Mapping[str, Any], accelerator: Accelerator) -> nn.Module:
     """The task model on the --model start with `overrides` and drop path, checkpointed and compiled as asked,
     on the accelerator's device."""
+    cfg = task.cfg
     model, report = load_task_model(
         task.model_class, cfg.model, cfg.crop_size, **overrides, drop_path_rate=cfg.drop_path_rate
     )
@@ -220,26 +241,26 @@ def build_model(
     return apply_model_options(model, cfg).to(accelerator.device)
 
 
-def run_finetuning(cfg: FinetuneArgs, task: FinetuneTask) -> dict[str, Any]:
-    """Fine-tune as `cfg` says; returns the results written to results.json."""
+def run_finetuning(task: FinetuneTask) -> dict[str, Any]:
+    """Fine-tune as the task's options say; returns the results written to results.json."""
+    cfg = task.cfg
     accelerator = build_accelerator(cfg)
     if accelerator.is_main_process:
         save_config(cfg, Path(cfg.output_dir) / "config.yaml")
     with setup_errors():
         stream = open_stream(cfg.dataset, cfg.dataset_config, cfg.split, data_files=cfg.data_files)
         columns = task.resolve_columns(cfg, stream.features)
-        sample, overrides = task.prepare(cfg, stream.features, columns)
+        sample, overrides = task.prepare(stream.features, columns)
         loader = train_loader(
             cfg, stream, sample, columns, accelerator.process_index, accelerator.num_processes
         )
         total_steps = total_steps_for(cfg, accelerator.num_processes, stream_num_examples(stream, cfg.split))
-        model = build_model(cfg, task, overrides, accelerator)
+        model = build_model(task, overrides, accelerator)
         optimizer, scheduler = build_optimizer(cfg, model, total_steps)
         accelerator.print(describe_param_groups(optimizer.param_groups))
-        evaluate_fn = None
+        source = None
         if cfg.eval_split is not None:
             source = open_eval_source(cfg, cfg.eval_split, task.resolve_columns, cfg.max_eval_samples)
-            evaluate_fn = task.evaluator(cfg, source, accelerator)
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         signature = run_signature(cfg, accelerator)
         state = resume(accelerator, cfg, signature, task.critical_keys, loader)
@@ -253,7 +274,7 @@ def run_finetuning(cfg: FinetuneArgs, task: FinetuneTask) -> dict[str, Any]:
         state,
         total_steps,
         signature,
-        evaluate_fn,
+        RunEvaluation(task, source, accelerator, model) if source is not None else None,
         task.name,
     )
 
@@ -268,7 +289,7 @@ def train_and_finish(
     state: TrainerState,
     total_steps: int,
     signature: Mapping[str, Any],
-    evaluate_fn: Callable[[nn.Module], Any] | None,
+    evaluator: RunEvaluation | None,
     task: str,
 ) -> dict[str, Any]:
     """`loop.train_loop`, then (if training completed) OUTPUT_DIR/final with its image processor (size = crop,
@@ -279,7 +300,6 @@ def train_and_finish(
         f"fine-tuning ({task}) {total_steps} steps of {total_batch} images ({accelerator.num_processes} "
         f"processes, {accelerator.mixed_precision} precision), lr {cfg.lr:.3g}, starting at step {state.step}"
     )
-    evaluator = PeriodicEvaluator(accelerator, model, evaluate_fn) if evaluate_fn is not None else None
     outcome = train_loop(
         accelerator,
         model,
@@ -305,7 +325,7 @@ def save_final(
     cfg: FinetuneArgs,
     model: nn.Module,
     state: TrainerState,
-    evaluator: PeriodicEvaluator | None,
+    evaluator: RunEvaluation | None,
     task: str,
 ) -> dict[str, Any]:
     """OUTPUT_DIR/final with its image processor, and the final evaluation (logged to metrics.jsonl unless the

@@ -6,13 +6,13 @@ The training step these are written for::
         for step in range(start_step, total_steps):
             loss = model(**batch).loss
             accelerator.backward(loss)
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             skip = guard.check(loss, grad_norm=grad_norm, step=step)
             if not skip or accelerator.scaler is not None:
                 optimizer.step()  # fp16: the GradScaler skips non-finite updates itself and must see every step
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            at_ckpt = (step + 1) % cfg.save_every == 0
+            at_ckpt = (step + 1) % cfg.checkpoint_every == 0
             stop = preempt.should_stop_at(step, force_sync=at_ckpt)
             if at_ckpt or stop:
                 save_checkpoint(accelerator, cfg.output_dir, step + 1, extra, keep_last=cfg.keep_last)
@@ -226,6 +226,7 @@ class NonFiniteGuard:
         return (
             f"training diverged{where}: {consecutive} consecutive non-finite steps "
             f"(loss={show(loss)}, grad_norm={show(grad_norm) if grad_norm is not None else 'n/a'}); "
-            "likely causes: learning rate too high (try a lower --lr or a longer warm-up), "
-            "fp16 overflow (try --mixed-precision bf16), no gradient clipping (set a max grad norm such as 1.0)"
+            "likely causes: learning rate too high (try a lower --lr or a larger --warmup-fraction), "
+            "fp16 overflow (launch with accelerate launch --mixed_precision bf16), "
+            "no gradient clipping (set --grad-clip 1.0)"
         )

@@ -16,7 +16,9 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 import torch
+from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
+from densecl_vit.modeling import AUTO_MODELS, DenseCLViTImageProcessor
 from densecl_vit.training.samples import to_rgb
 
 logger = logging.getLogger(__name__)
@@ -42,10 +44,6 @@ def load_pretrained(model_dir: str | os.PathLike, device: str | torch.device = "
     The model class follows `config.architectures` (segmentation, depth, pre-training or the bare encoder).
     A folder without `preprocessor_config.json` gets a `DenseCLViTImageProcessor` at the config's image size.
     """
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel
-
-    from densecl_vit.modeling import AUTO_MODELS, DenseCLViTImageProcessor
-
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
     architecture = (getattr(config, "architectures", None) or [""])[0]
     # The Auto class of our model class with the same suffix, so stock releases (UperNetFor...) load too.

@@ -1,21 +1,42 @@
 """Starting a task model: from a pre-training output folder, any DenseCL-ViT folder, a converted timm/DINO/ViT
 folder or a random-init preset (`load_task_model`, for fine-tuning), or from a fine-tuned folder
-(`load_finetuned`, for evaluation).
+(`load_finetuned`, for evaluation); `model_source` reads what a --model value names, for pre-training and
+fine-tuning alike.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..modeling import DenseCLViTConfig
+from ..modeling.configuration_densecl_vit import PRESETS, preset_name
 from .conversion import resample_position_embeddings
-from .pretraining import model_source
 
 _CONFIG_META = ("architectures", "auto_map", "transformers_version", "model_type")
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def model_source(model: str) -> tuple[str, dict[str, Any]]:
+    """("preset" | "config" | "weights" | "folder", the config fields it names) for a --model value."""
+    key = preset_name(model)
+    if key is not None:
+        return "preset", {**PRESETS[key], "patch_size": 16}
+    path = Path(model)
+    if path.is_file() and path.suffix == ".json":
+        return "config", json.loads(path.read_text())
+    if path.is_dir() and (path / "config.json").is_file():
+        kind = "weights" if any((path / name).is_file() for name in _WEIGHT_FILES) else "folder"
+        return kind, json.loads((path / "config.json").read_text())
+    raise ValueError(
+        f"unknown --model {model!r}: use a preset ({', '.join(PRESETS)}, or ti/s/b), "
+        "a config.json file or a model folder holding one"
+    )
 
 
 def store_position_embeddings_at(model: nn.Module, image_size: int) -> None:

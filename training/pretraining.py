@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import torch
 from accelerate import Accelerator
 
 from ..modeling import DenseCLViTConfig, DenseCLViTForPreTraining, DenseCLViTImageProcessor
-from ..modeling.configuration_densecl_vit import PRESETS, parse_pretraining_loss, preset_name
+from ..modeling.configuration_densecl_vit import parse_pretraining_loss
 from .config import option, save_config
 from .engine import (
     CRITICAL_KEYS,
@@ -37,6 +36,7 @@ from .engine import (
 )
 from .loader import StreamLoader
 from .loop import resume, train_loop
+from .model_start import model_source
 from .optim import (
     build_adamw,
     cosine_with_warmup,
@@ -64,7 +64,6 @@ PRETRAIN_CRITICAL_KEYS = (
     "crop_scale",
     "gpu_augment",
 )
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
 @dataclasses.dataclass
@@ -138,23 +137,6 @@ class PretrainConfig(TrainingArgs):
         if not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
             raise ValueError(f"--crop-scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
         augment_config(self)  # the augmentation's own checks (e.g. views larger than the blur kernel)
-
-
-def model_source(model: str) -> tuple[str, dict[str, Any]]:
-    """("preset" | "config" | "weights" | "folder", the config fields it names) for a --model value."""
-    key = preset_name(model)
-    if key is not None:
-        return "preset", {**PRESETS[key], "patch_size": 16}
-    path = Path(model)
-    if path.is_file() and path.suffix == ".json":
-        return "config", json.loads(path.read_text())
-    if path.is_dir() and (path / "config.json").is_file():
-        kind = "weights" if any((path / name).is_file() for name in _WEIGHT_FILES) else "folder"
-        return kind, json.loads((path / "config.json").read_text())
-    raise ValueError(
-        f"unknown --model {model!r}: use a preset ({', '.join(PRESETS)}, or ti/s/b), "
-        "a config.json file or a model folder holding one"
-    )
 
 
 def build_model(cfg: PretrainConfig) -> DenseCLViTForPreTraining:

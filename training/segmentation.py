@@ -164,7 +164,7 @@ def _dataset_folders(dataset: str) -> list[Path]:
 
 def resolve_id2label(cfg: FinetuneSegmentationConfig, features: Any, label_column: str) -> dict[int, str]:
     """The class names: --id2label, else id2label.json beside a local dataset, else ClassLabel names."""
-    import datasets
+    import datasets  # seconds to import: only a run without --id2label reads the dataset's ClassLabel
 
     if cfg.id2label is not None:
         return read_id2label(cfg.id2label)
@@ -281,37 +281,40 @@ def resolve_columns(cfg: Any, features: Any) -> tuple[str, str]:
     return image_and_target_columns(features, cfg.image_column, cfg.label_column, "label")
 
 
-def prepare(
-    cfg: FinetuneSegmentationConfig, features: Any, columns: tuple[str, str]
-) -> tuple[PairedSample, dict[str, Any]]:
-    """The training sample function and the model's config overrides: the classes and the head."""
-    id2label = resolve_id2label(cfg, features, columns[1])
-    overrides = {
-        "num_labels": len(id2label),
-        "id2label": dict(id2label),
-        "label2id": {name: i for i, name in id2label.items()},
-        "decode_head": cfg.decode_head,
-        "semantic_loss_ignore_index": cfg.ignore_index,
-    }
-    return train_sample_fn(cfg, columns, len(id2label)), overrides
+class SegmentationTask(FinetuneTask):
+    """Semantic segmentation for `run_finetuning`: classes and head from the options, evaluation by
+    `evaluation_report` with the run's sliding window."""
 
+    name = TASK
+    model_class = DenseCLViTForSemanticSegmentation
+    critical_keys = SEG_CRITICAL_KEYS
+    resolve_columns = staticmethod(resolve_columns)
+    cfg: FinetuneSegmentationConfig
 
-def evaluator(cfg: FinetuneSegmentationConfig, source: EvalSource, accelerator: Accelerator) -> Any:
-    """The periodic and final evaluation of a run: `evaluation_report` of the model on `source`."""
-    protocol = SegmentationProtocol(
-        *cfg.eval_window_and_stride(), cfg.scale_bounds, cfg.reduce_labels, cfg.ignore_index
-    )
-    return functools.partial(evaluation_report, source=source, accelerator=accelerator, protocol=protocol)
+    def prepare(self, features: Any, columns: tuple[str, str]) -> tuple[PairedSample, dict[str, Any]]:
+        """The training sample function and the model's config overrides: the classes and the head."""
+        cfg = self.cfg
+        id2label = resolve_id2label(cfg, features, columns[1])
+        overrides = {
+            "num_labels": len(id2label),
+            "id2label": dict(id2label),
+            "label2id": {name: i for i, name in id2label.items()},
+            "decode_head": cfg.decode_head,
+            "semantic_loss_ignore_index": cfg.ignore_index,
+        }
+        return train_sample_fn(cfg, columns, len(id2label)), overrides
 
-
-SEGMENTATION = FinetuneTask(
-    TASK, DenseCLViTForSemanticSegmentation, SEG_CRITICAL_KEYS, resolve_columns, prepare, evaluator
-)
+    def evaluate(self, model: nn.Module, source: EvalSource, accelerator: Accelerator) -> dict[str, Any]:
+        cfg = self.cfg
+        protocol = SegmentationProtocol(
+            *cfg.eval_window_and_stride(), cfg.scale_bounds, cfg.reduce_labels, cfg.ignore_index
+        )
+        return evaluation_report(model, source, accelerator, protocol)
 
 
 def main(cfg: FinetuneSegmentationConfig) -> dict[str, Any]:
     """Fine-tune as `cfg` says; returns the results written to results.json."""
-    return run_finetuning(cfg, SEGMENTATION)
+    return run_finetuning(SegmentationTask(cfg))
 
 
 def evaluate_folder(cfg: EvaluateConfig, accelerator: Accelerator) -> dict[str, Any]:

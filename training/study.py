@@ -12,7 +12,7 @@ The unlabelled pool, the labelled scenes and the validation scenes are disjoint 
 different seeds). A longer budget (`longer_factor` x the steps) repeats global, the paper's loss and the best
 arm; a secondary protocol fine-tunes whole encoders on the full labelled split.
 
-Each run is the project's own script run in-process (`demo.run_stage`), `jobs` at a time in worker
+Each run is the project's own run called in-process on its typed options (`demo.run_stage`), `jobs` at a time in worker
 processes. Finished runs are skipped when the study starts again, stopped ones resume from their checkpoint,
 and the report is rewritten after every finished run. Outputs in the study folder::
 
@@ -47,20 +47,20 @@ from accelerate.utils import set_seed
 from ..modeling import DenseCLViTConfig, DenseCLViTImageProcessor, DenseCLViTModel
 from . import depth, segmentation
 from .checkpoint import complete_checkpoints
-from .config import config_to_dict, parse_config
+from .config import config_to_dict
 from .demo import (
     QUICK,
     DemoSettings,
     StageInterrupted,
-    depth_argv,
+    depth_config,
     ensure_dataset,
     loss_curve,
     model_argument,
-    pretrain_argv,
+    pretrain_config,
     run_stage,
-    segmentation_argv,
+    segmentation_config,
 )
-from .pretraining import PretrainConfig, model_source
+from .model_start import model_source
 from .pretraining import main as pretrain_main
 from .probes import ProbeSettings, Scenes, encode, load_scenes, patch_similarity, probe_encoder
 from .runlog import read_json, write_json
@@ -199,17 +199,16 @@ def _run_once(
     run_dir: Path,
     needed: str,
     main_fn: Callable[[Any], Any],
-    cls: type,
-    argv: list[str],
+    cfg: Any,
     key: Mapping[str, Any],
 ) -> None:
-    """Run a script's `main_fn` on `argv` unless `run_dir` holds a completed run of the same config and inputs
+    """Run a script's `main_fn` on `cfg` unless `run_dir` holds a completed run of the same config and inputs
     (`key`: the fingerprints of its data and starting weights, which the config names only by path); resume a
     stopped run of the same config from its last checkpoint; start over otherwise. Checkpoints are dropped
     after completion (the study reads the final model and results)."""
-    argv = [*argv, "--resume-from", "latest"]
+    cfg = dataclasses.replace(cfg, resume_from="latest")
     key_path = run_dir / "study_key.json"
-    same = _same_config(run_dir, config_to_dict(parse_config(cls, argv)))
+    same = _same_config(run_dir, config_to_dict(cfg))
     # A run without a key comes from a study written before keys were kept: its config is all there is to check.
     same = same and (not key_path.is_file() or read_json(key_path) == json.loads(json.dumps(key)))
     results = run_dir / "results.json"
@@ -219,7 +218,7 @@ def _run_once(
     if run_dir.exists() and not (same and complete_checkpoints(run_dir)):
         shutil.rmtree(run_dir)
     write_json(key_path, key)
-    run_stage(main_fn, cls, argv)
+    run_stage(main_fn, cfg)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
 
 
@@ -261,14 +260,14 @@ def build_encoder(size: StudySize, arm: Arm, seed: int, factor: int, paths: Stud
             s, finetune_steps=steps, finetune_batch_size=s.pretrain_batch_size, finetune_lr=size.supervised_lr,
             layer_decay=None, log_every=max(1, steps // 10),
         )  # fmt: skip
-        argv = segmentation_argv(sup, paths.pool, str(random_dir), run_dir, seed)
+        cfg = segmentation_config(sup, paths.pool, str(random_dir), run_dir, seed)
         key = {"data": fingerprint(paths.pool), "start": fingerprint(random_dir)}
-        _run_once(run_dir, "final", segmentation.main, segmentation.FinetuneSegmentationConfig, argv, key)
+        _run_once(run_dir, "final", segmentation.main, cfg, key)
     else:
         run = dataclasses.replace(s, pretrain_steps=steps, log_every=max(1, steps // 10))
-        argv = pretrain_argv(run, paths.pool, run_dir, paths.model, loss=arm.loss, seed=seed)
-        argv += ["--cls-stop-gradient", str(arm.cls_stop_gradient).lower()]
-        _run_once(run_dir, "final", pretrain_main, PretrainConfig, argv, {"data": fingerprint(paths.pool)})
+        cfg = pretrain_config(run, paths.pool, run_dir, paths.model, loss=arm.loss, seed=seed)
+        cfg = dataclasses.replace(cfg, cls_stop_gradient=arm.cls_stop_gradient)
+        _run_once(run_dir, "final", pretrain_main, cfg, {"data": fingerprint(paths.pool)})
     start, end = loss_curve(run_dir)
     return run_dir / "final", {"loss_start": start, "loss_end": end}
 
@@ -341,13 +340,10 @@ def finetune_record(
     """The secondary protocol: fine-tune the whole encoder of (arm, seed) on the full labelled split."""
     encoder, _ = build_encoder(size, ARMS[arm_name], seed, 1, paths)
     run_dir = paths.root / "finetune" / arm_name / f"seed-{seed}" / task
-    if task == "segmentation":
-        module, cls, argv = segmentation, segmentation.FinetuneSegmentationConfig, segmentation_argv
-    else:
-        module, cls, argv = depth, depth.FinetuneDepthConfig, depth_argv
+    module, options = (segmentation, segmentation_config) if task == "segmentation" else (depth, depth_config)
     key = {"data": fingerprint(paths.labelled), "start": fingerprint(encoder)}
-    args = argv(size.settings, paths.labelled, str(encoder), run_dir, seed)
-    _run_once(run_dir, "eval_results.json", module.main, cls, args, key)
+    cfg = options(size.settings, paths.labelled, str(encoder), run_dir, seed)
+    _run_once(run_dir, "eval_results.json", module.main, cfg, key)
     metrics = read_json(run_dir / "eval_results.json")["metrics"]
     names = ("mean_iou",) if task == "segmentation" else ("delta1", "abs_rel")
     return {"arm": arm_name, "seed": seed, "task": task, **{n: float(metrics[n]) for n in names}}

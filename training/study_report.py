@@ -13,8 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from .runlog import write_json
+from .visualize import pca_rgb
 
 PROBE_METRICS = ("seg_miou", "coarse_miou", "knn_miou", "delta1", "abs_rel")
 VALIDITY_METRICS = ("seg_miou", "delta1")  # one per task
@@ -313,9 +316,6 @@ def _finetune_lines(study: Mapping[str, Any]) -> list[str]:
 def plot_study(study: Mapping[str, Any], path: str | Path) -> Path:
     """study.png: segmentation mIoU and δ1 of the frozen probes at each L, and the patch cosine, one bar per arm
     (mean ± std) with each seed as a dot."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     arms, records = _arms_with(study, 1), study["encoders"]
     panels = [(m, str(c)) for m in VALIDITY_METRICS for c in study["label_counts"]] + [("patch_cos", None)]
     figure = Figure(figsize=(3.0 * len(panels), 3.8), dpi=100, layout="constrained")
@@ -345,11 +345,6 @@ def plot_pca(
     tokens as RGB, fitted jointly over all the images so colours compare across rows).
 
     images: (M, H, W, 3) uint8; tokens: {arm: (M, N, D)} on a square patch grid."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from .visualize import pca_rgb
-
     count, side = images.shape[0], images.shape[1]
     figure = Figure(figsize=(1.6 * (1 + len(tokens)), 1.6 * count + 0.4), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)

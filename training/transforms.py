@@ -10,8 +10,8 @@ implementation of the colour math, `color_ops`, written for batches (B, 3, H, W)
   `BatchedColorAugment` applies jitter, grayscale, blur and normalisation to whole batches on any device.
 
 Random parameters come from one uniform draw per sample, `COLOR_UNIFORMS` numbers wide, mapped by
-`color_params_from_uniform`; the CPU path takes the uniforms from a NumPy generator (`sample_color_params`;
-`host_color_params` maps them as `TwoViewTransform` does), the batched path from a torch generator
+`color_params_from_uniform`; the CPU path takes the uniforms from a NumPy generator (`host_color_params` maps
+them as `TwoViewTransform` does), the batched path from a torch generator
 (`sample_color_params_torch`), so both have the same parameter distributions. Jitter applies its four
 operations in a random order per sample, as torchvision's ColorJitter does. Nothing here reads global
 random state: a sample's views are a pure function of the generator (or seed) passed in, e.g.
@@ -172,14 +172,6 @@ def host_color_params(u: np.ndarray, cfg: SimCLRAugmentConfig, view: int | Seque
     """`color_params_from_uniform` for a NumPy u (n, COLOR_UNIFORMS): the `ColorParams` fields as lists,
     ready for the per-sample path (a few NumPy calls instead of ~20 small torch operations)."""
     return {k: v.tolist() for k, v in _uniform_fields(u, cfg, view).items()}
-
-
-def sample_color_params(
-    cfg: SimCLRAugmentConfig, n: int, view: int | Sequence[int], rng: RngLike
-) -> ColorParams:
-    """Colour parameters of the CPU path: uniforms from a NumPy generator."""
-    u = torch.from_numpy(make_rng(rng).random((n, COLOR_UNIFORMS), dtype=np.float32))
-    return color_params_from_uniform(u, cfg, view)
 
 
 def sample_color_params_torch(
@@ -348,7 +340,7 @@ class BatchedColorAugment(nn.Module):
 def naive_torchvision_two_view(cfg: SimCLRAugmentConfig | None = None) -> Callable:
     """The straightforward torchvision v2 pipeline of the same policy (PIL ops, global RNG): a benchmark
     baseline. Returns image -> (view1, view2)."""
-    from torchvision.transforms import v2
+    from torchvision.transforms import v2  # the benchmark's baseline only: training never loads it
 
     c = cfg or SimCLRAugmentConfig()
 
@@ -385,7 +377,6 @@ __all__ = [
     "image_to_uint8_tensor",
     "make_rng",
     "naive_torchvision_two_view",
-    "sample_color_params",
     "sample_color_params_torch",
     "sample_crop_box",
 ]

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..runlog import atomic_write_text, write_json
 from .data_sections import augmentation_benchmark, end_to_end_in_temporary_folder
 from .model_sections import dense_loss_memory, encoder_benchmark, pretraining_step_benchmark
 from .options import BenchOptions, build_parser, resolve_options
@@ -43,8 +44,6 @@ def _notes(opts: BenchOptions) -> list[str]:
 
 def run(opts: BenchOptions, argv: Sequence[str] = ()) -> dict[str, Any]:
     """Every selected section; writes results.json and results.md to `opts.output_dir` and returns the results."""
-    from ..runlog import atomic_write_text, write_json
-
     results: dict[str, Any] = {"environment": environment(opts, argv), "seconds": {}, "notes": _notes(opts)}
     accelerator = _accelerator(opts) if {"pretraining_step", "end_to_end"} & set(opts.sections) else None
     sections: dict[str, Callable[[], Any]] = {

@@ -16,6 +16,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..guards import NonFiniteGuard
+from ..loop import batch_to_device, train_step
+from ..pretraining import DeviceColorAugment, build_data, two_view_sample
+from ..transforms import SimCLRAugmentConfig, TwoViewTransform, naive_torchvision_two_view
 from .measure import MemoryProbe, ru_maxrss_mb, synchronize, time_interleaved
 from .model_sections import training_setup
 from .options import SOURCE_SIZE, BenchOptions, build_config
@@ -46,9 +50,6 @@ def augmentation_benchmark(opts: BenchOptions) -> dict[str, Any]:
     decoding + `naive_torchvision_two_view`. Rounds of 10 images, interleaved.
     """
     import datasets  # noqa: F401  (imported by decode_image on first use: keep the import out of the timing)
-
-    from ..pretraining import two_view_sample
-    from ..transforms import SimCLRAugmentConfig, TwoViewTransform, naive_torchvision_two_view
 
     jpegs = synthetic_jpegs(8, opts.source_size)
     cfg = SimCLRAugmentConfig(image_size=opts.image_size)
@@ -96,7 +97,7 @@ def augmentation_benchmark(opts: BenchOptions) -> dict[str, Any]:
 
 def write_jpeg_parquet(path: Path, count: int, size: tuple[int, int] = SOURCE_SIZE) -> Path:
     """A parquet file with one `datasets.Image` column "image" of `count` synthetic JPEGs."""
-    import datasets
+    import datasets  # seconds to import: only the data sections need it
 
     images = [{"bytes": data, "path": None} for data in synthetic_jpegs(count, size)]
     features = datasets.Features({"image": datasets.Image()})
@@ -127,10 +128,6 @@ def end_to_end_benchmark(size: str, opts: BenchOptions, accelerator: Any, data_d
     workers decoding and augmenting). Order: model-only steps, loader steps (after draining what the
     workers prefetched meanwhile), model-only steps again; rates are images over total time.
     """
-    from ..guards import NonFiniteGuard
-    from ..loop import batch_to_device, train_step
-    from ..pretraining import DeviceColorAugment, build_data
-
     drain = opts.workers * 2 + 1  # the DataLoader's prefetch queue (prefetch_factor 2 per worker) + one
     path = write_jpeg_parquet(
         data_dir / "images.parquet", opts.batch * (opts.steps + drain + 1), opts.source_size
@@ -179,7 +176,7 @@ def end_to_end_benchmark(size: str, opts: BenchOptions, accelerator: Any, data_d
 
 def end_to_end_in_temporary_folder(opts: BenchOptions, accelerator: Any) -> dict[str, Any]:
     """`end_to_end_benchmark` of the first size, its parquet file in a temporary folder, without progress bars."""
-    import datasets
+    import datasets  # seconds to import: only the data sections need it
 
     enabled = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()

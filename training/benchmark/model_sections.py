@@ -16,6 +16,11 @@ from ...modeling.configuration_densecl_vit import PRETRAINING_LOSS_TERMS
 from ...modeling.losses_densecl_vit import local_local_info_nce
 from ...modeling.modeling_densecl_vit import DenseCLViTViewGeometry
 from ..conversion import densecl_to_timm
+from ..guards import NonFiniteGuard
+from ..loop import gradient_norm, train_step
+from ..optim import build_adamw
+from ..pretraining import PretrainConfig, build_optimizer
+from ..transforms import sample_crop_box
 from .measure import (
     MemoryProbe,
     encoder_flops,
@@ -132,8 +137,6 @@ def training_setup(
     With --compile the encoder and the head are compiled too, so that the candidates that call them alone
     run compiled code like the full model does.
     """
-    from ..pretraining import PretrainConfig, build_optimizer
-
     cfg = PretrainConfig(
         dataset=dataset,
         max_steps=100_000,
@@ -162,9 +165,6 @@ def _method_part_candidates(
     """The method's additions to the encoder, each alone: the projection head on 2B (N + 1) tokens and the
     normalisation + loss (forward+backward, from leaf tensors), the gradient norm + AdamW step (`optimizer`;
     when it is fused, also an unfused AdamW over the same groups, with its own state, for comparison)."""
-    from ..loop import gradient_norm
-    from ..optim import build_adamw
-
     config, params, size = model.config, list(model.parameters()), 2 * opts.batch
     tokens = (config.image_size // config.patch_size) ** 2 + 1
     hidden = torch.randn(size, tokens, config.hidden_size, device=opts.device, requires_grad=True)
@@ -225,9 +225,6 @@ def pretraining_step_benchmark(size: str, opts: BenchOptions, accelerator: Any) 
     schedule from `pretraining.build_optimizer`); the encoder's forward+backward on the 2B views; and the
     method's additions timed alone (`_method_part_candidates`).
     """
-    from ..guards import NonFiniteGuard
-    from ..loop import train_step
-
     config = build_config(size, opts.image_size, opts.loss)
     _, model, optimizer, scheduler = training_setup(config, opts, accelerator)
     inner = accelerator.unwrap_model(model)
@@ -283,8 +280,6 @@ def pretraining_step_benchmark(size: str, opts: BenchOptions, accelerator: Any) 
 def view_geometry(batch: int, config: DenseCLViTConfig, device: torch.device) -> DenseCLViTViewGeometry:
     """Crop boxes and flips of `batch` image pairs as pre-training draws them from a benchmark-sized photo
     (crop scale 0.08-1, flip p = 0.5; fixed seed), on `device`."""
-    from ..transforms import sample_crop_box
-
     rng = np.random.default_rng(0)
     boxes = [
         [sample_crop_box(*SOURCE_SIZE, (0.08, 1.0), (3 / 4, 4 / 3), rng) for _ in range(2)]

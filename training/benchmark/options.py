@@ -11,6 +11,9 @@ from typing import Any
 import torch
 
 from ...modeling import DenseCLViTConfig, DenseCLViTModel
+from ..conversion import timm_kwargs
+from ..loader import default_num_workers
+from ..pretraining import resolve_gpu_augment
 from .measure import peak_tflops
 
 SIZES: dict[str, dict[str, Any]] = {
@@ -75,9 +78,7 @@ def build_config(size: str, image_size: int, loss: str = "local-global") -> Dens
 
 def build_timm(encoder: DenseCLViTModel, name: str) -> torch.nn.Module:
     """timm's `VisionTransformer` of `encoder`'s architecture (`name`'s defaults overridden), no head."""
-    import timm
-
-    from ...hub_cards.stock import timm_kwargs
+    import timm  # optional (dev extra): only the timm baseline needs it
 
     kwargs = timm_kwargs(encoder)
     if kwargs is None:
@@ -157,9 +158,6 @@ def _check_args(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 
 def resolve_options(args: argparse.Namespace) -> BenchOptions:
     """Defaults by device and --quick; one-line ValueErrors for impossible values."""
-    from ..loader import default_num_workers
-    from ..pretraining import resolve_gpu_augment
-
     sizes, sections = _check_args(args)
     cuda, quick = args.device == "cuda", args.quick
     image_size = args.image_size or (32 if quick else 224)

@@ -28,7 +28,7 @@ def _cpu_model() -> str:
 
 def environment(opts: BenchOptions, argv: Sequence[str]) -> dict[str, Any]:
     """Machine, library versions, date and the settings every number depends on."""
-    import timm
+    import timm  # optional (dev extra), as in options.build_timm
     import torchvision
     import transformers
 
