@@ -50,18 +50,25 @@ def folders(tmp_path_factory, tiny):
     }
 
 
-def test_segmentation_folder_report_next_to_the_model(folders):
+def test_segmentation_folder_report_in_output_dir_and_next_to_the_model_when_asked(folders, tmp_path):
     argv = ["--task", "segmentation", "--model", str(folders["seg"]), "--dataset", str(folders["seg_data"]),
-            "--num-workers", "0", "--scale-bounds", "80,40"]  # fmt: skip
+            "--num-workers", "0", "--scale-bounds", "80,40", "--output-dir", str(tmp_path)]  # fmt: skip
     assert cli_main(evaluate_model.main, EvaluateConfig, argv) == 0
+    assert not (folders["seg"] / "eval_results.json").exists()
+    assert cli_main(evaluate_model.main, EvaluateConfig, [*argv, "--write-model-card-results"]) == 0
+    assert (tmp_path / "eval_results.json").read_text() == (folders["seg"] / "eval_results.json").read_text()
     report = load_eval_results(folders["seg"] / "eval_results.json")
     assert (report.task, report.num_samples, report.dataset_split) == (
         "semantic-segmentation",
         3,
         "validation",
     )
-    # Defaults: the window is the model's image size, the stride 2/3 of it.
-    assert (report.protocol["crop_size"], report.protocol["stride"]) == (32, 21)
+    # No training config beside the model: ADE20K, whose window is the model's image size, the stride 2/3 of it.
+    assert (report.protocol["name"], report.protocol["crop_size"], report.protocol["stride"]) == (
+        "ade20k",
+        32,
+        21,
+    )
     written = json.loads((folders["seg"] / "eval_results.json").read_text())
     assert written["per_category"]["labels"] == list(SEG_CLASSES.values())
 
@@ -105,9 +112,26 @@ def test_refuses_a_folder_without_a_trained_head_and_bad_options(folders, capsys
         cli_main(
             evaluate_model.main,
             EvaluateConfig,
-            ["--task", "depth", "--model", "owner/name", "--dataset", "x"],
+            ["--task", "depth", "--model", "owner/name", "--dataset", "x", "--write-model-card-results"],
         )
-    assert "set --output-dir" in capsys.readouterr().err
+    assert "--write-model-card-results needs a local --model folder" in capsys.readouterr().err
+    for protocol, message in (("ade20k", "not a depth protocol"), ("training", "needs the config.yaml")):
+        with pytest.raises(SystemExit):
+            cli_main(
+                evaluate_model.main,
+                EvaluateConfig,
+                [
+                    "--task",
+                    "depth",
+                    "--model",
+                    str(folders["depth"]),
+                    "--dataset",
+                    "x",
+                    "--protocol",
+                    protocol,
+                ],
+            )
+        assert message in capsys.readouterr().err
 
 
 def _evaluate_on_every_rank(argv: list[str]) -> None:
