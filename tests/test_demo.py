@@ -152,3 +152,26 @@ def test_demo_script_rejects_bad_options_before_rendering(capsys, tmp_path):
     assert demo.main(["--quick", "--num-val", "0", "--output-dir", str(tmp_path / "demo")]) == 2
     assert "num_val must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize("task", ["segmentation", "depth"])
+def test_evaluate_model_on_the_demo_model_uses_its_training_protocol(quick_demo, tmp_path, monkeypatch, task):
+    """evaluate_model.py with no protocol option evaluates as the fine-tuning run did: same settings, same
+    numbers as the run's own eval_results.json; the report goes under outputs/evaluation, not into final/."""
+    from densecl_vit.training.engine import cli_main
+    from densecl_vit.training.evaluation import EvaluateConfig
+
+    out, _ = quick_demo
+    monkeypatch.chdir(tmp_path)
+    argv = ["--task", task, "--model", str(out / task / "final"), "--dataset", str(out / "data"),
+            "--num-workers", "0"]  # fmt: skip
+    assert cli_main(load_script("evaluate_model").main, EvaluateConfig, argv) == 0
+    report = json.loads(next(tmp_path.glob("outputs/evaluation/*/*/eval_results.json")).read_text())
+    assert not (out / task / "final" / "eval_results.json").exists()
+    run = json.loads((out / task / "eval_results.json").read_text())
+    assert report["protocol"] == {"name": "training", **run["protocol"]}
+    if task == "segmentation":  # the demo's window and rescale, not ADE20K's 2048 x 512
+        assert (report["protocol"]["crop_size"], report["protocol"]["scale_bounds"]) == (32, [32, 32])
+    assert report["metrics"] == pytest.approx(run["metrics"], rel=1e-6)
+    assert report["num_samples"] == report["examples_seen"] == run["examples_seen"] == QUICK.num_val
+    assert report["skipped_by_reason"] == run["skipped_by_reason"] == {}
