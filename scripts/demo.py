@@ -15,7 +15,8 @@ import argparse
 import dataclasses
 import sys
 
-from densecl_vit.training.demo import DEFAULT, QUICK, check_finite, exit_status, run_demo
+from densecl_vit.training.demo import DEFAULT, QUICK, check_finite, run_demo
+from densecl_vit.training.exits import exit_status
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from densecl_vit.training import depth, segmentation
 from densecl_vit.training.engine import cli_main, setup_errors
 from densecl_vit.training.evaluation import EvaluateConfig, write_eval_results
+from densecl_vit.training.exits import user_errors
 
 
 def summary(cfg: EvaluateConfig, report: dict[str, Any]) -> str:
@@ -37,7 +38,7 @@ def summary(cfg: EvaluateConfig, report: dict[str, Any]) -> str:
 def main(cfg: EvaluateConfig) -> dict[str, Any]:
     accelerator = Accelerator()
     task = segmentation if cfg.task == "segmentation" else depth
-    with setup_errors():
+    with setup_errors(), user_errors():  # an empty or unreadable --model folder: exit status 2
         report = task.evaluate_folder(cfg, accelerator)
     if accelerator.is_main_process:
         paths = cfg.results_paths()

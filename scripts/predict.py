@@ -8,7 +8,8 @@ For each image NAME this writes, at the image's own size:
 - depth: NAME_depth.png (colour-mapped depth, near = bright, colour bar in metres) and NAME_depth.npy
   (float32 metres).
 The model is a local folder or a Hub id, remote code included. Images that cannot be read are skipped with a
-message naming them; the exit status is 1 only when no image could be processed.
+message naming them; the exit status is 1 only when no image could be processed, 2 (one `error:` line) for a
+model folder it cannot use.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import PIL.Image
 from tqdm.auto import tqdm
 
+from densecl_vit.training.exits import exit_status
 from densecl_vit.training.inference import load_image, load_pretrained, model_task, predict_images
 from densecl_vit.training.visualize import PICTURE_SUFFIXES, render_prediction, save_png
 
@@ -75,6 +77,10 @@ def save_prediction(output_dir: Path, name: str, image, prediction: np.ndarray, 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return exit_status(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> int:
     model, processor = load_pretrained(args.model, args.device)
     task = model_task(model)
     paths = find_images(args.inputs)

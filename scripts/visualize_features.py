@@ -9,6 +9,7 @@ segmentation/depth folder (its encoder is used). The PCA is fitted per model ove
 together, so colours mean the same thing across a row. With --threshold T the background is masked out first,
 as in the DINO/DINOv2 figures: the first component, scaled to [0, 1] and signed so the image border scores high,
 marks the background where it exceeds T; the colours are then the PCA of the remaining (foreground) patches.
+A model folder it cannot use ends in one `error:` line and exit status 2.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from densecl_vit.training.exits import exit_status
 from densecl_vit.training.inference import encoder_features, load_image, load_pretrained
 from densecl_vit.training.visualize import background_score, patch_border, pca_rgb
 
@@ -101,6 +103,10 @@ def model_names(models: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return exit_status(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> int:
     images, labels = [], []
     for path in args.inputs:
         try:

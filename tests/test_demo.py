@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 
 from densecl_vit.training.demo import (
     QUICK,
-    StageInterrupted,
     check_finite,
     format_results,
     loss_curve,
@@ -21,6 +20,7 @@ from densecl_vit.training.demo import (
     run_stage,
     torch_threads,
 )
+from densecl_vit.training.exits import StageInterrupted
 from densecl_vit.training.pretraining import PretrainConfig
 from densecl_vit.training.pretraining import main as pretrain_main
 

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 
 from ..modeling.configuration_densecl_vit import parse_pretraining_loss
 from .config import parse_config
+from .exits import StageInterrupted
 from .runlog import read_json, write_json
 from .synthetic_dataset import dataset_is_complete, load_synthetic_dataset, write_dataset
 
@@ -127,10 +127,6 @@ QUICK = DemoSettings(
 # --- running the scripts in-process -------------------------------------------------------------------
 
 
-class StageInterrupted(RuntimeError):
-    """A training stage stopped before its end (SIGTERM/SIGINT); its checkpoint is kept in its output folder."""
-
-
 @contextlib.contextmanager
 def torch_threads(num_threads: int | None, num_workers: int) -> Iterator[int]:
     """Run a block with `num_threads` torch threads (None: the CPUs left by `num_workers` data loader workers,
@@ -160,19 +156,6 @@ def run_stage(main_fn: Callable[[T], Any], cls: type[T], argv: Sequence[str]) ->
             f"{cfg.output_dir} stopped at step {result.get('steps')} ({result['status']}); its checkpoint is kept"
         )
     return result
-
-
-def exit_status(run: Callable[[], Any]) -> int:
-    """Run a command line's work and return its exit status, as the training scripts do: 2 with a one-line
-    `error:` for a bad option or setting (ValueError), 0 when done or stopped by a signal (`StageInterrupted`)."""
-    try:
-        run()
-    except ValueError as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 2
-    except StageInterrupted as stop:
-        print(f"stopped: {stop}", file=sys.stderr)
-    return 0
 
 
 def model_argument(model: str | Mapping[str, Any], folder: Path) -> str:
