@@ -5,7 +5,7 @@
 For each image NAME this writes, at the image's own size:
 - segmentation: NAME_overlay.png (the image blended with one colour per class, legend of the classes present)
   and NAME_labels.png (the class ids; uint8, or uint16 for more than 256 classes);
-- depth: NAME_depth.png (colour-mapped depth, near = bright, colour bar in metres) and NAME_depth.npy
+- depth: NAME_depth.png (the image beside its colour-mapped depth, near = bright, colour bar in metres) and NAME_depth.npy
   (float32 metres).
 The model is a local folder or a Hub id, remote code included. Images that cannot be read are skipped with a
 message naming them; the exit status is 1 only when no image could be processed, 2 (one `error:` line) for a

@@ -1,7 +1,7 @@
 """Show what encoders see: the first three principal components of their last patch features as RGB.
 
     python scripts/visualize_features.py --model out/pretrain --model random-init photo1.jpg photo2.jpg \
-        --output features.png --threshold 0.5 --attention
+        --output features.png --threshold 0.5 --attention --image-size 224
 
 The figure has one column per input and, under the inputs, one row per model (plus a row of [CLS]-attention
 maps per model with --attention). Any model folder works: the bare encoder, a pre-training folder or a
@@ -36,8 +36,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, type=Path, help="figure file (.png)")
     parser.add_argument("--threshold", type=float, help="mask patches whose first component exceeds this")
     parser.add_argument("--attention", action="store_true", help="add [CLS]-attention maps of the last block")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        help="side in pixels the inputs are resized to, a multiple of the patch size (default: the model's "
+        "processor size; the demo's 64 px encoder gives a 4x4 map, --image-size 224 a 14x14 one)",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ...")
     args = parser.parse_args(argv)
+    if args.image_size is not None and args.image_size < 1:
+        parser.error(f"--image-size must be >= 1, got {args.image_size}")
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         parser.error(f"--threshold is compared with a component scaled to [0, 1]; got {args.threshold}")
     return args
@@ -95,6 +103,13 @@ def draw_figure(
     fig.savefig(output)
 
 
+def square_size(side: int, patch_size: int) -> dict[str, int]:
+    """The processor size of an --image-size: refused when the patch grid would not cover it exactly."""
+    if side % patch_size:
+        raise ValueError(f"--image-size {side} must be a multiple of the model's patch size {patch_size}")
+    return {"height": side, "width": side}
+
+
 def model_names(models: list[str]) -> list[str]:
     """Short row labels: the folder names, with their parents where two are equal."""
     names = [Path(m).name or m for m in models]
@@ -120,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for model_dir, name in zip(args.model, model_names(args.model)):
         model, processor = load_pretrained(model_dir, args.device)
+        if args.image_size is not None:
+            processor.size = square_size(args.image_size, model.config.patch_size)
         results = [encoder_features(model.base_model, processor, image, args.attention) for image in images]
         rows.append((f"{name}\nPCA", "pca", feature_maps(results, args.threshold)))
         if args.attention:
