@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import PIL.Image
 import pytest
 import torch
 from conftest import load_script
@@ -175,3 +176,27 @@ def test_evaluate_model_on_the_demo_model_uses_its_training_protocol(quick_demo,
     assert report["metrics"] == pytest.approx(run["metrics"], rel=1e-6)
     assert report["num_samples"] == report["examples_seen"] == run["examples_seen"] == QUICK.num_val
     assert report["skipped_by_reason"] == run["skipped_by_reason"] == {}
+
+
+def test_quick_demo_log_is_quiet_and_lists_what_it_wrote(tmp_path, capfd):
+    """No transformers LOAD REPORT (raw colour codes in a log file) nor layer-decay table in the log: the table
+    goes to param_groups.txt, named in one line; the "written:" list names the logs and example pictures."""
+    assert load_script("demo").main(["--quick", "--output-dir", str(tmp_path / "demo")]) == 0
+    out, err = capfd.readouterr()
+    log = out + err
+    assert "LOAD REPORT" not in log and "\x1b[" not in log and "layer_0_decay" not in log
+    for task in ("segmentation", "depth"):
+        groups = tmp_path / "demo" / task / "param_groups.txt"
+        assert (
+            "layer_0_decay" in groups.read_text()
+            and f"parameter groups (lr scale, weight decay): {groups}" in log
+        )
+    assert log.count("newly initialised") == 2  # the scripts' own line on what the encoder did not hold
+    paths = json.loads((tmp_path / "demo" / "demo_results.json").read_text())["paths"]
+    assert {"pre-training log", "segmentation example", "depth example", "depth log", "results"} <= set(paths)
+    assert "pre-training curves" not in paths  # the quick demo draws no curves
+    written = out[out.index("written:") :]
+    assert all(path in written for path in paths.values())
+    # The depth picture: the input and its depth side by side (square images), then the colour bar.
+    picture = PIL.Image.open(paths["depth example"])
+    assert picture.width > 2 * picture.height

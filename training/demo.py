@@ -7,11 +7,14 @@ command line the script would get), so the demo exercises exactly what a user ru
 interpreter (torch + transformers imports) per stage. Output layout under the demo folder::
 
     data/                        the synthetic dataset (kept between runs with the same settings)
-    pretrain/final/              the pre-trained encoder (+ results.json, metrics.jsonl, config.yaml)
-    segmentation/final/          the fine-tuned segmentation model (+ eval_results.json, example.png)
-    depth/final/                 the fine-tuned depth model (+ eval_results.json, example.png)
+    pretrain/                    final/ (the pre-trained encoder), results.json, metrics.jsonl, config.yaml
+    segmentation/, depth/        final/ (the fine-tuned model), eval_results.json, example.png (its prediction on
+                                 the first validation image), param_groups.txt, results.json, metrics.jsonl,
+                                 config.yaml (whose protocol scripts/evaluate_model.py evaluates with)
     release/segmentation/, release/depth/   Hub-ready folders: README.md, model.safetensors, config.json, ...
-    demo_results.json            the numbers of the printed table and the paths above
+    demo_results.json            the numbers of the printed table and the paths the table lists
+
+transformers' own load reports and progress bars are off during the stages: each script prints its own line.
 """
 
 from __future__ import annotations
@@ -308,6 +311,23 @@ def _stages(s: DemoSettings, paths: Mapping[str, Path]) -> list[tuple[str, str, 
     ]  # fmt: skip
 
 
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Run a block with transformers' warnings and progress bars off: its LOAD REPORT tables (raw colour codes
+    in a log file) repeat what the scripts' own "loaded ...; newly initialised: ..." line says."""
+    from transformers.utils import logging as transformers_logging
+
+    verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
+
+
 def run_demo(s: DemoSettings, output_dir: str | os.PathLike, echo: Callable[[str], None] = print) -> dict:
     """Every stage of the demo into `output_dir`; returns (and writes to demo_results.json) the numbers and paths.
 
@@ -321,7 +341,7 @@ def run_demo(s: DemoSettings, output_dir: str | os.PathLike, echo: Callable[[str
     stages = _stages(s, paths)
     outputs: dict[str, Any] = {}
     timings: dict[str, float] = {}
-    with torch_threads(s.num_threads, s.num_workers) as threads:
+    with torch_threads(s.num_threads, s.num_workers) as threads, quiet_transformers():
         echo(f"{threads} torch thread(s), {s.num_workers} data loader worker(s) per stage")
         for number, (key, title, run) in enumerate(stages, start=1):
             echo(f"\n[{number}/{len(stages) + 1}] {title}")
@@ -339,6 +359,28 @@ def run_demo(s: DemoSettings, output_dir: str | os.PathLike, echo: Callable[[str
 # --- the report ---------------------------------------------------------------------------------------
 
 
+def written_paths(paths: Mapping[str, Path], releases: Mapping[str, Path], results: Path) -> dict[str, str]:
+    """What the demo wrote worth opening, by label in stage order: the files and folders that exist (curves.png
+    only where the runs drew them), and `results`, the demo_results.json written with this list."""
+    candidates = [
+        ("dataset", paths["data"]),
+        ("encoder", paths["pretrain"] / "final"),
+        ("pre-training log", paths["pretrain"] / "metrics.jsonl"),
+        ("pre-training curves", paths["pretrain"] / "curves.png"),
+    ]
+    for task in ("segmentation", "depth"):
+        run = paths[task]
+        candidates += [
+            (f"{task} model", run / "final"),
+            (f"{task} log", run / "metrics.jsonl"),
+            (f"{task} curves", run / "curves.png"),
+            (f"{task} example", run / "example.png"),
+            (f"{task} release", releases[task]),
+        ]
+    written = {label: str(path) for label, path in candidates if path.exists()}
+    return {**written, "results": str(results)}
+
+
 def summarize(s: DemoSettings, paths: Mapping[str, Path], outputs: Mapping[str, Any]) -> dict[str, Any]:
     """The demo's numbers (from the runs' results and eval_results.json files) and where everything lies;
     `outputs` holds what each stage returned (the training stages: their results.json content)."""
@@ -354,14 +396,7 @@ def summarize(s: DemoSettings, paths: Mapping[str, Path], outputs: Mapping[str, 
         "rmse": depth["rmse"],
         "delta1": depth["delta1"],
     }
-    written = {
-        "dataset": paths["data"],
-        "encoder": paths["pretrain"] / "final",
-        "segmentation model": paths["segmentation"] / "final",
-        "depth model": paths["depth"] / "final",
-        "segmentation release": outputs["release"]["segmentation"],
-        "depth release": outputs["release"]["depth"],
-    }
+    written = written_paths(paths, outputs["release"], paths["data"].parent / "demo_results.json")
     return {
         "settings": dataclasses.asdict(s),
         "model": f"{s.describe_model()}/{s.patch_size()} at {s.image_size}x{s.image_size} px",
@@ -371,7 +406,7 @@ def summarize(s: DemoSettings, paths: Mapping[str, Path], outputs: Mapping[str, 
             "depth": outputs["depth"]["steps"],
         },
         "metrics": metrics,
-        "paths": {name: str(path) for name, path in written.items()},
+        "paths": written,
     }
 
 
@@ -395,7 +430,8 @@ def format_results(results: Mapping[str, Any]) -> str:
     if total is not None:
         lines.append(f"  wall time     {total:.0f} s")
     lines.append("written:")
-    lines += [f"  {name:<21} {path}" for name, path in results["paths"].items()]
+    width = max(map(len, results["paths"]))
+    lines += [f"  {name:<{width}}  {path}" for name, path in results["paths"].items()]
     return "\n".join(lines)
 
 
