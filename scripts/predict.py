@@ -32,8 +32,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="segmentation or depth model folder, or Hub id")
     parser.add_argument("inputs", nargs="+", type=Path, help="images, or folders of images")
-    parser.add_argument("--output-dir", required=True, type=Path)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument(
+        "--output-dir", required=True, type=Path, help="folder for the pictures and predictions"
+    )
+    parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ...")
     args = parser.parse_args(argv)
     if args.batch_size < 1:

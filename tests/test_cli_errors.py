@@ -3,6 +3,7 @@ model folder is empty or holds the wrong kind of model, when a Hub push fails, o
 The scripts run in this process (`load_script`), as `python scripts/NAME.py` would run them."""
 
 import argparse
+import dataclasses
 
 import numpy as np
 import PIL.Image
@@ -160,3 +161,46 @@ def test_an_unreadable_file_is_one_error_line(script, argv, inputs, tmp_path, ca
     argv = [str(swap.get(arg, arg.replace("OUT", str(tmp_path)))) for arg in argv]
     status = _exit_status(load_script(script).main, argv)
     assert "broken" in _check_one_error_line(capsys, status)  # the message names the file
+
+
+class _Parsed(Exception):
+    """Raised instead of parsing, to hand the test the parser a script built."""
+
+
+ARGPARSE_SCRIPTS = {
+    "demo": [],
+    "predict": ["--model", "m", "x.png", "--output-dir", "o"],
+    "visualize_features": ["--model", "m", "x.png", "--output", "o.png"],
+    "export_to_hub": ["--model", "m", "--output", "o"],
+    "convert_checkpoint": ["--to", "timm", "--checkpoint", "m", "--output", "o"],
+    "plot_metrics": ["run"],
+    "make_synthetic_scenes": ["--output", "o", "--num-train", "1"],
+    "study": [],
+    "benchmark": [],
+}
+CONFIG_SCRIPTS = {
+    "pretrain": "PretrainConfig",
+    "finetune_segmentation": "FinetuneSegmentationConfig",
+    "finetune_depth": "FinetuneDepthConfig",
+    "evaluate_model": "EvaluateConfig",
+}
+
+
+@pytest.mark.parametrize("script", sorted(ARGPARSE_SCRIPTS))
+def test_every_option_of_an_argparse_script_has_help(script, monkeypatch):
+    def capture(parser, *args, **kwargs):
+        raise _Parsed(parser)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    module = load_script(script)
+    with pytest.raises(_Parsed) as parsed:
+        (getattr(module, "parse_args", None) or module.main)(ARGPARSE_SCRIPTS[script])
+    actions = [a for a in parsed.value.args[0]._actions if not isinstance(a, argparse._HelpAction)]
+    assert actions and not [a.dest for a in actions if not (a.help or "").strip()]
+
+
+@pytest.mark.parametrize("script", sorted(CONFIG_SCRIPTS))
+def test_every_option_of_a_config_script_has_help(script):
+    cls = getattr(load_script(script), CONFIG_SCRIPTS[script])
+    fields = dataclasses.fields(cls)
+    assert fields and not [f.name for f in fields if not f.metadata.get("help", "").strip()]
