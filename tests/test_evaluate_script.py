@@ -50,11 +50,12 @@ def folders(tmp_path_factory, tiny):
     }
 
 
-def test_segmentation_folder_report_in_output_dir_and_next_to_the_model_when_asked(folders, tmp_path):
+def test_segmentation_folder_report_in_output_dir_and_next_to_the_model_when_asked(folders, tmp_path, capsys):
     argv = ["--task", "segmentation", "--model", str(folders["seg"]), "--dataset", str(folders["seg_data"]),
             "--num-workers", "0", "--scale-bounds", "80,40", "--output-dir", str(tmp_path)]  # fmt: skip
     assert cli_main(evaluate_model.main, EvaluateConfig, argv) == 0
     assert not (folders["seg"] / "eval_results.json").exists()
+    assert "evaluate: 3image" in capsys.readouterr().err.replace("\r", "\n")  # the progress bar's last state
     assert cli_main(evaluate_model.main, EvaluateConfig, [*argv, "--write-model-card-results"]) == 0
     assert (tmp_path / "eval_results.json").read_text() == (folders["seg"] / "eval_results.json").read_text()
     report = load_eval_results(folders["seg"] / "eval_results.json")
@@ -159,4 +160,9 @@ def test_two_processes_report_what_one_process_reports(folders, tmp_path, task):
     )
     one, two = (load_eval_results(tmp_path / run / "eval_results.json") for run in ("one", "two"))
     assert one.num_samples == two.num_samples == 3
+    counts = [
+        json.loads((tmp_path / run / "eval_results.json").read_text())["examples_seen"]
+        for run in ("one", "two")
+    ]
+    assert counts == [3, 3]  # each process read its share; the report sums them
     assert two.metrics == pytest.approx(one.metrics)
