@@ -166,3 +166,49 @@ def test_two_processes_report_what_one_process_reports(folders, tmp_path, task):
     ]
     assert counts == [3, 3]  # each process read its share; the report sums them
     assert two.metrics == pytest.approx(one.metrics)
+
+
+def test_training_protocol_comes_from_the_runs_config(folders, tmp_path):
+    """The run's config.yaml above final/ names the protocol; a config of the other task is refused."""
+    seg_settings = segmentation.training_settings(
+        {"crop_size": [48, 48], "decode_head": "linear", "scale_bounds": [64, 48], "eval_window": None}
+    )
+    assert seg_settings == {
+        "window": 48,
+        "stride": 32,
+        "scale_bounds": (64, 48),
+        "reduce_labels": True,
+        "ignore_index": None,
+    }
+    depth_settings = depth.training_settings({"depth_head": "linear", "dataset": "sayakpaul/nyu_depth_v2"})
+    assert depth_settings == {"eigen_crop": True, "eval_size": None, "depth_scale": 1.0}
+    with pytest.raises(ValueError, match="no depth fine-tuning config; use --protocol nyu"):
+        depth.training_settings({"decode_head": "linear", "crop_size": [32, 32]})
+
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    for path in folders["seg"].iterdir():
+        (run / "final" / path.name).write_bytes(path.read_bytes())
+    (run / "config.yaml").write_text(
+        "crop_size: [32, 32]\ndecode_head: upernet\neval_stride: 8\nscale_bounds: [80, 40]\n"
+    )
+    argv = ["--task", "segmentation", "--model", str(run / "final"), "--dataset", str(folders["seg_data"]),
+            "--num-workers", "0", "--output-dir", str(tmp_path / "eval"), "--progress", "false"]  # fmt: skip
+    assert cli_main(evaluate_model.main, EvaluateConfig, argv) == 0
+    protocol = json.loads((tmp_path / "eval" / "eval_results.json").read_text())["protocol"]
+    assert (protocol["name"], protocol["crop_size"], protocol["stride"], protocol["scale_bounds"]) == (
+        "training",
+        32,
+        8,
+        [80, 40],
+    )
+    # ADE20K by name, one setting overridden (its 2048 x 512 rescale would make this test slow).
+    ade20k = [*argv, "--protocol", "ade20k", "--scale-bounds", "64,32"]
+    assert cli_main(evaluate_model.main, EvaluateConfig, ade20k) == 0
+    protocol = json.loads((tmp_path / "eval" / "eval_results.json").read_text())["protocol"]
+    assert (protocol["name"], protocol["crop_size"], protocol["stride"], protocol["scale_bounds"]) == (
+        "ade20k",
+        32,
+        21,
+        [64, 32],
+    )

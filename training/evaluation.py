@@ -194,11 +194,10 @@ def find_training_config(model: str | os.PathLike) -> Path | None:
     """The resolved config the fine-tuning run saved: in the model folder (a release) or in the run folder above
     its final/ (where `run_finetuning` writes it)."""
     folder = Path(model)
-    for candidate in (folder, folder.parent):
-        for name in TRAINING_CONFIG_NAMES:
-            if folder.is_dir() and (candidate / name).is_file():
-                return candidate / name
-    return None
+    if not folder.is_dir():
+        return None  # a Hub id
+    found = (candidate / name for candidate in (folder, folder.parent) for name in TRAINING_CONFIG_NAMES)
+    return next((path for path in found if path.is_file()), None)
 
 
 def read_training_config(path: Path) -> dict[str, Any]:
