@@ -13,13 +13,15 @@ rendered with `render_model_card(inputs, eval_results=PATH)`; without a report i
       "metrics": {"mean_iou": 0.4531, "mean_accuracy": 0.561, "overall_accuracy": 0.812},
       "protocol": {"mode": "slide", "crop_size": 512, "stride": 341},
       "num_samples": 2000,
+      "examples_seen": 2000, "skipped_samples": 0, "skipped_by_reason": {},   # optional
       "per_category": {"iou": [0.71, null, ...]}  # optional, published in the file, not in the card
     }
 
 `metrics` holds finite numbers under the names of `METRICS[task]` (the keys the project's `evaluate` modules
 return): segmentation metrics are fractions in [0, 1] (shown in percent), depth errors are >= 0 (RMSE in metres)
 and the delta accuracies are fractions. `mean_iou` (segmentation) and `abs_rel`, `rmse`, `delta1` (depth) are
-required. `protocol` is a free-form mapping of the evaluation settings; `num_samples` counts evaluated images.
+required. `protocol` is a free-form mapping of the evaluation settings; `num_samples` counts evaluated images;
+`examples_seen` the rows read and `skipped_by_reason` the unusable ones (the card names them when there are any).
 """
 
 from __future__ import annotations
@@ -95,7 +97,17 @@ BASE_MODEL_KEYS = (
 DATASET_KEYS = ("dataset", "train_dataset", "dataset_id")  # `dataset_name` is a display name, not an id
 CREDENTIAL_KEY = re.compile(r"token|secret|password|passwd|api_?key|credential", re.IGNORECASE)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_EVAL_KEYS = {"task", "dataset", "metrics", "protocol", "num_samples", "per_category"}
+_EVAL_KEYS = {
+    "task",
+    "dataset",
+    "metrics",
+    "protocol",
+    "num_samples",
+    "examples_seen",
+    "skipped_samples",
+    "skipped_by_reason",
+    "per_category",
+}
 
 
 @dataclass(frozen=True)
@@ -110,6 +122,11 @@ class EvalReport:
     metrics: dict[str, float]
     protocol: dict[str, Any]
     num_samples: int
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def skipped_samples(self) -> int:
+        return sum(self.skipped_by_reason.values())
 
     @property
     def hub_dataset_id(self) -> str | None:
@@ -159,6 +176,19 @@ def load_eval_results(path: str | os.PathLike) -> EvalReport:
         path,
         f"num_samples must be a positive integer, got {num_samples!r}.",
     )
+    skipped = data.get("skipped_by_reason", {})
+    _require(
+        isinstance(skipped, dict) and all(_is_count(n) for n in skipped.values()),
+        path,
+        f"skipped_by_reason must map reasons to counts >= 0, got {skipped!r}.",
+    )
+    total = sum(skipped.values())
+    counts = (data.get("examples_seen", num_samples + total), data.get("skipped_samples", total))
+    _require(
+        counts == (num_samples + total, total),
+        path,
+        f"examples_seen and skipped_samples {counts} must be num_samples + {total} and {total} (skipped_by_reason).",
+    )
     return EvalReport(
         task=task,
         dataset_name=dataset["name"],
@@ -168,7 +198,12 @@ def load_eval_results(path: str | os.PathLike) -> EvalReport:
         metrics={name: float(value) for name, value in metrics.items()},
         protocol=data["protocol"],
         num_samples=num_samples,
+        skipped_by_reason={str(reason): int(n) for reason, n in skipped.items()},
     )
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -282,6 +317,15 @@ def _fmt(value: float, percent: bool) -> str:
     return f"{100 * value:.2f}" if percent else f"{value:.4f}"
 
 
+def _skipped_note(report: EvalReport) -> str:
+    """ ", of 59 rows read; 9 skipped (label_size_mismatch: 9)", or "" when every row was used."""
+    if not report.skipped_samples:
+        return ""
+    reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(report.skipped_by_reason.items()))
+    seen = report.num_samples + report.skipped_samples
+    return f" of {seen} rows read; {report.skipped_samples} skipped ({reasons})"
+
+
 def eval_sections(inputs: CardInputs, report: EvalReport) -> dict[str, str]:
     """Template variables of the evaluation section: intro, table and protocol."""
     paper = paper_numbers(inputs, report)
@@ -297,7 +341,8 @@ def eval_sections(inputs: CardInputs, report: EvalReport) -> dict[str, str]:
         rows.append(row)
     intro = (
         f"Evaluated on {report.dataset_name} (`{report.dataset_id}`, split `{report.dataset_split}`, "
-        f"{report.num_samples} images); the numbers are those of `eval_results.json` in this repository."
+        f"{report.num_samples} images{_skipped_note(report)}); the numbers are those of `eval_results.json` in "
+        "this repository."
     )
     if paper:
         intro += f" The paper column is the result reported in [the paper]({PAPER_URL}) for the same setting."

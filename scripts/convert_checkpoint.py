@@ -43,6 +43,7 @@ from densecl_vit.training.conversion import (
     resize_to_image_size,
     timm_to_densecl,
 )
+from densecl_vit.training.exits import exit_status
 from densecl_vit.training.weight_files import load_state_dict_file
 
 IMPORTERS = {"timm": timm_to_densecl, "hf-vit": hf_vit_to_densecl, "dino": dino_to_densecl}
@@ -177,24 +178,24 @@ def main(argv: list[str] | None = None) -> int:
     # Our own notes (dropped keys, resampling) at INFO; other libraries stay at WARNING.
     logging.basicConfig(format="%(message)s")
     logging.getLogger("densecl_vit").setLevel(logging.INFO)
-    try:
-        import_only = {
-            "--image-size": args.image_size,
-            "--num-heads": args.num_heads,
-            "--image-mean": args.image_mean,
-            "--image-std": args.image_std,
-        }
-        if args.target is not None and any(value is not None for value in import_only.values()):
-            used = ", ".join(flag for flag, value in import_only.items() if value is not None)
-            raise ValueError(f"{used} only apply with --from; the exported model keeps its own settings.")
-        if args.source is not None:
-            import_checkpoint(args)
-        else:
-            export_checkpoint(args)
-    except (ValueError, OSError) as error:
-        print(f"error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> None:
+    """Import or export as the options say."""
+    import_only = {
+        "--image-size": args.image_size,
+        "--num-heads": args.num_heads,
+        "--image-mean": args.image_mean,
+        "--image-std": args.image_std,
+    }
+    if args.target is not None and any(value is not None for value in import_only.values()):
+        used = ", ".join(flag for flag, value in import_only.items() if value is not None)
+        raise ValueError(f"{used} only apply with --from; the exported model keeps its own settings.")
+    if args.source is not None:
+        import_checkpoint(args)
+    else:
+        export_checkpoint(args)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ segmentation and depth heads -> evaluation -> Hub-ready folders with model cards
     python scripts/demo.py --output-dir outputs/demo --pretrain-steps 300
     python scripts/demo.py --quick              # every stage at toy size, in seconds (what the tests run)
 
-About 15 minutes on two CPU cores at the default settings; see `densecl_vit.training.demo` for the stages and
-the output layout. Exit status: 0 on success or when stopped by SIGTERM/SIGINT, 2 for a bad option or setting.
+About 4 minutes on two CPU cores at the default settings (2 minutes of CPU time; README.md has the measurements);
+see `densecl_vit.training.demo` for the stages and the output layout. Exit status: 0 on success or when stopped by
+SIGTERM/SIGINT, 2 for a bad option or setting.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import sys
 from pathlib import Path
 
 from densecl_vit.hub_cards.export import ReleaseOptions, build_release
-from densecl_vit.training.demo import DEFAULT, QUICK, check_finite, exit_status, run_demo
+from densecl_vit.training.demo import DEFAULT, QUICK, check_finite, run_demo
+from densecl_vit.training.exits import exit_status
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

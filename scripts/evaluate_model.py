@@ -1,12 +1,15 @@
-"""Evaluate a fine-tuned segmentation or depth model folder; writes eval_results.json (what the model card reads).
+"""Evaluate a fine-tuned segmentation or depth model folder; writes eval_results.json (the model card's format).
 
-    python scripts/evaluate_model.py --task segmentation --model out/seg/final --dataset scene_parse_150 --split validation
+    python scripts/evaluate_model.py --task segmentation --model outputs/demo/segmentation/final --dataset outputs/demo/data
+    python scripts/evaluate_model.py --task segmentation --model out/seg/final --dataset scene_parse_150 --protocol ade20k
     accelerate launch scripts/evaluate_model.py --task depth --model out/depth/final --dataset sayakpaul/nyu_depth_v2
-    python scripts/evaluate_model.py --task depth --model out/depth/final --dataset data/ --output-dir reports/
 
-Segmentation: single-scale sliding window (window = the model's image size, stride 2/3 of it), mIoU, mean and
-overall accuracy, per-class IoU. Depth: whole image, AbsRel, SqRel, RMSE, RMSE log, log10, delta1-3 inside the
-model's depth range (Eigen crop on for NYU). eval_results.json goes next to the model, or into --output-dir.
+The protocol defaults to the one the model was fine-tuned with (the config.yaml its run saved beside final/), so
+a model is evaluated as its training run evaluated it; `--protocol ade20k` or `--protocol nyu` names the paper's.
+Segmentation: single-scale sliding window, mIoU, mean and overall accuracy, per-class IoU. Depth: whole image,
+AbsRel, SqRel, RMSE, RMSE log, log10, delta1-3 inside the model's depth range. The report counts the rows read,
+used and skipped (by reason). eval_results.json goes into --output-dir (default outputs/evaluation/...); the
+model folder's own copy, which its model card reads, is replaced only with --write-model-card-results.
 Exit status: 0 on success, 2 for a bad option, model or dataset, 1 when the data is mostly unusable.
 """
 
@@ -18,20 +21,30 @@ from accelerate import Accelerator
 from densecl_vit.training import depth, segmentation
 from densecl_vit.training.engine import cli_main, setup_errors
 from densecl_vit.training.evaluation import EvaluateConfig, write_eval_results
+from densecl_vit.training.exits import user_errors
+
+
+def summary(cfg: EvaluateConfig, report: dict[str, Any]) -> str:
+    """One line: the model, the data, the counts and the metrics."""
+    shown = ", ".join(f"{name} {value:.4f}" for name, value in report["metrics"].items())
+    counts = f"{report['num_samples']} of {report['examples_seen']} rows used"
+    if report["skipped_samples"]:
+        reasons = ", ".join(f"{reason}: {n}" for reason, n in report["skipped_by_reason"].items())
+        counts += f" ({report['skipped_samples']} skipped: {reasons})"
+    protocol = report["protocol"].get("name")
+    return f"{cfg.model} on {cfg.dataset} [{cfg.split}], {protocol} protocol, {counts}: {shown}"
 
 
 def main(cfg: EvaluateConfig) -> dict[str, Any]:
     accelerator = Accelerator()
     task = segmentation if cfg.task == "segmentation" else depth
-    with setup_errors():
+    with setup_errors(), user_errors():  # an empty or unreadable --model folder: exit status 2
         report = task.evaluate_folder(cfg, accelerator)
     if accelerator.is_main_process:
-        path = cfg.results_path()
-        write_eval_results(path, task.TASK, **report)
-        shown = ", ".join(f"{name} {value:.4f}" for name, value in report["metrics"].items())
-        print(
-            f"{cfg.model} on {cfg.dataset} [{cfg.split}], {report['num_samples']} images: {shown}; wrote {path}"
-        )
+        paths = cfg.results_paths()
+        for path in paths:
+            write_eval_results(path, task.TASK, **report)
+        print(f"{summary(cfg, report)}; wrote {', '.join(map(str, paths))}")
     return report
 
 

@@ -26,6 +26,7 @@ from typing import Any
 from transformers.utils import logging as transformers_logging
 
 from densecl_vit.hub_cards.export import EXAMPLE_PHOTO, FORMATS, ReleaseOptions, build_release, push_folder
+from densecl_vit.training.exits import exit_status
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,37 +74,36 @@ def main(argv: list[str] | None = None, api: Any = None) -> int:
     """Entry point; `api` replaces `huggingface_hub.HfApi()` for the push (tests pass a stand-in)."""
     args = parse_args(argv)
     transformers_logging.disable_progress_bar()  # weight-loading bars of tiny files; errors stay one line
-    try:
-        if args.push and not args.repo_id:
-            raise ValueError("--push needs --repo-id ORG/NAME.")
-        if args.dry_run and not args.push:
-            raise ValueError("--dry-run only applies with --push.")
-        options = ReleaseOptions(
-            fmt=args.format,
-            repo_id=args.repo_id,
+    return exit_status(lambda: run(args, api))
+
+
+def run(args: argparse.Namespace, api: Any) -> None:
+    """Build the folder, then push it when asked."""
+    if args.push and not args.repo_id:
+        raise ValueError("--push needs --repo-id ORG/NAME.")
+    if args.dry_run and not args.push:
+        raise ValueError("--dry-run only applies with --push.")
+    options = ReleaseOptions(
+        fmt=args.format,
+        repo_id=args.repo_id,
+        revision=args.revision,
+        license=args.license,
+        max_shard_size=args.max_shard_size,
+        base_model=args.base_model,
+        overwrite=args.overwrite,
+        example_image=None if args.no_example else args.example_image,
+    )
+    files = build_release(args.model, args.output, options)
+    print(f"wrote {len(files)} files to {args.output}")
+    if args.push:
+        push_folder(
+            args.output,
+            args.repo_id,
             revision=args.revision,
-            license=args.license,
-            max_shard_size=args.max_shard_size,
-            base_model=args.base_model,
-            overwrite=args.overwrite,
-            example_image=None if args.no_example else args.example_image,
+            private=args.private,
+            dry_run=args.dry_run,
+            api=api,
         )
-        files = build_release(args.model, args.output, options)
-        print(f"wrote {len(files)} files to {args.output}")
-        if args.push:
-            push_folder(
-                args.output,
-                args.repo_id,
-                revision=args.revision,
-                private=args.private,
-                dry_run=args.dry_run,
-                api=api,
-            )
-    except (ValueError, OSError) as error:
-        lines = str(error).strip().splitlines()
-        print(f"error: {lines[0] if lines else type(error).__name__}", file=sys.stderr)
-        return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@ a complete dataset with the same settings is left as it is unless --force is giv
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
+from densecl_vit.training.exits import exit_status
 from densecl_vit.training.synthetic_dataset import dataset_is_complete, write_dataset
 
 
@@ -30,8 +32,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return exit_status(lambda: render(args))
+
+
+def render(args: argparse.Namespace) -> None:
+    """Write the dataset unless the folder already holds it."""
     settings = dict(
         num_train=args.num_train, num_val=args.num_val, image_size=args.image_size, seed=args.seed
     )
@@ -48,4 +55,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

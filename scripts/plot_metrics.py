@@ -4,7 +4,8 @@
     python scripts/plot_metrics.py runs/a runs/b --output compare.png     # several runs on one figure
 
 Every numeric key is drawn against the step, grouped into panels: losses, learning rate, throughput,
-evaluation metrics (eval_*), and one panel for each other key.
+evaluation metrics (eval_*), and one panel for each other key. A missing or unreadable log ends in one
+`error:` line and exit status 2.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 from densecl_vit.training.curves import plot_run_curves
+from densecl_vit.training.exits import exit_status
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,13 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        output = plot_run_curves(args.runs, args.output)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {output}")
-    return 0
+    return exit_status(lambda: print(f"wrote {plot_run_curves(args.runs, args.output)}"))
 
 
 if __name__ == "__main__":

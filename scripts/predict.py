@@ -5,10 +5,11 @@
 For each image NAME this writes, at the image's own size:
 - segmentation: NAME_overlay.png (the image blended with one colour per class, legend of the classes present)
   and NAME_labels.png (the class ids; uint8, or uint16 for more than 256 classes);
-- depth: NAME_depth.png (colour-mapped depth, near = bright, colour bar in metres) and NAME_depth.npy
+- depth: NAME_depth.png (the image beside its colour-mapped depth, near = bright, colour bar in metres) and NAME_depth.npy
   (float32 metres).
 The model is a local folder or a Hub id, remote code included. Images that cannot be read are skipped with a
-message naming them; the exit status is 1 only when no image could be processed.
+message naming them; the exit status is 1 only when no image could be processed, 2 (one `error:` line) for a
+model folder it cannot use.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import PIL.Image
 from tqdm.auto import tqdm
 
+from densecl_vit.training.exits import exit_status
 from densecl_vit.training.inference import load_image, load_pretrained, model_task, predict_images
 from densecl_vit.training.visualize import PICTURE_SUFFIXES, render_prediction, save_png
 
@@ -30,8 +32,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="segmentation or depth model folder, or Hub id")
     parser.add_argument("inputs", nargs="+", type=Path, help="images, or folders of images")
-    parser.add_argument("--output-dir", required=True, type=Path)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument(
+        "--output-dir", required=True, type=Path, help="folder for the pictures and predictions"
+    )
+    parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ...")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
@@ -75,6 +79,10 @@ def save_prediction(output_dir: Path, name: str, image, prediction: np.ndarray, 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return exit_status(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> int:
     model, processor = load_pretrained(args.model, args.device)
     task = model_task(model)
     paths = find_images(args.inputs)

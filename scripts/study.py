@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from densecl_vit.training.demo import exit_status
+from densecl_vit.training.exits import exit_status
 from densecl_vit.training.study import ARMS, SIZES, run_study
 
 

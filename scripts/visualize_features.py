@@ -1,7 +1,7 @@
 """Show what encoders see: the first three principal components of their last patch features as RGB.
 
     python scripts/visualize_features.py --model out/pretrain --model random-init photo1.jpg photo2.jpg \
-        --output features.png --threshold 0.5 --attention
+        --output features.png --threshold 0.5 --attention --image-size 224
 
 The figure has one column per input and, under the inputs, one row per model (plus a row of [CLS]-attention
 maps per model with --attention). Any model folder works: the bare encoder, a pre-training folder or a
@@ -9,6 +9,7 @@ segmentation/depth folder (its encoder is used). The PCA is fitted per model ove
 together, so colours mean the same thing across a row. With --threshold T the background is masked out first,
 as in the DINO/DINOv2 figures: the first component, scaled to [0, 1] and signed so the image border scores high,
 marks the background where it exceeds T; the colours are then the PCA of the remaining (foreground) patches.
+A model folder it cannot use ends in one `error:` line and exit status 2.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from densecl_vit.training.exits import exit_status
 from densecl_vit.training.inference import encoder_features, load_image, load_pretrained
 from densecl_vit.training.visualize import background_score, patch_border, pca_rgb
 
@@ -34,8 +36,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, type=Path, help="figure file (.png)")
     parser.add_argument("--threshold", type=float, help="mask patches whose first component exceeds this")
     parser.add_argument("--attention", action="store_true", help="add [CLS]-attention maps of the last block")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        help="side in pixels the inputs are resized to, a multiple of the patch size (default: the model's "
+        "processor size; the demo's 64 px encoder gives a 4x4 map, --image-size 224 a 14x14 one)",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ...")
     args = parser.parse_args(argv)
+    if args.image_size is not None and args.image_size < 1:
+        parser.error(f"--image-size must be >= 1, got {args.image_size}")
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         parser.error(f"--threshold is compared with a component scaled to [0, 1]; got {args.threshold}")
     return args
@@ -93,6 +103,13 @@ def draw_figure(
     fig.savefig(output)
 
 
+def square_size(side: int, patch_size: int) -> dict[str, int]:
+    """The processor size of an --image-size: refused when the patch grid would not cover it exactly."""
+    if side % patch_size:
+        raise ValueError(f"--image-size {side} must be a multiple of the model's patch size {patch_size}")
+    return {"height": side, "width": side}
+
+
 def model_names(models: list[str]) -> list[str]:
     """Short row labels: the folder names, with their parents where two are equal."""
     names = [Path(m).name or m for m in models]
@@ -101,6 +118,10 @@ def model_names(models: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return exit_status(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> int:
     images, labels = [], []
     for path in args.inputs:
         try:
@@ -114,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for model_dir, name in zip(args.model, model_names(args.model)):
         model, processor = load_pretrained(model_dir, args.device)
+        if args.image_size is not None:
+            processor.size = square_size(args.image_size, model.config.patch_size)
         results = [encoder_features(model.base_model, processor, image, args.attention) for image in images]
         rows.append((f"{name}\nPCA", "pca", feature_maps(results, args.threshold)))
         if args.attention:

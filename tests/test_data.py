@@ -161,9 +161,11 @@ def test_resolve_column():
     features = datasets.Features(
         {"image": datasets.Image(), "annotation": datasets.Image(), "depth_map": datasets.Value("float32")}
     )
-    with pytest.raises(ValueError, match=r"several image columns \(image, annotation\); set --image-column"):
-        resolve_column(features, None)
+    assert resolve_column(features, None) == "image"  # the conventional name beside annotation images
     assert resolve_column(features, None, exclude=["annotation"]) == "image"
+    renamed = datasets.Features({"photo": datasets.Image(), "annotation": datasets.Image()})
+    with pytest.raises(ValueError, match=r"several image columns \(photo, annotation\); set --image-column"):
+        resolve_column(renamed, None)
     assert resolve_column(features, None, "label") == "annotation"
     assert resolve_column(features, None, "depth") == "depth_map"
     assert resolve_column(features, "annotation") == "annotation"

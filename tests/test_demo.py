@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import PIL.Image
 import pytest
 import torch
 from conftest import load_script
@@ -14,7 +15,6 @@ from safetensors.torch import load_file
 from densecl_vit.training.config import config_to_dict, parse_config
 from densecl_vit.training.demo import (
     QUICK,
-    StageInterrupted,
     check_finite,
     depth_config,
     format_results,
@@ -25,6 +25,7 @@ from densecl_vit.training.demo import (
     torch_threads,
 )
 from densecl_vit.training.depth import FinetuneDepthConfig
+from densecl_vit.training.exits import StageInterrupted
 from densecl_vit.training.pretraining import PretrainConfig
 from densecl_vit.training.pretraining import main as pretrain_main
 from densecl_vit.training.segmentation import FinetuneSegmentationConfig
@@ -194,3 +195,50 @@ def test_demo_script_rejects_bad_options_before_rendering(capsys, tmp_path):
     assert demo.main(["--quick", "--num-val", "0", "--output-dir", str(tmp_path / "demo")]) == 2
     assert "num_val must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize("task", ["segmentation", "depth"])
+def test_evaluate_model_on_the_demo_model_uses_its_training_protocol(quick_demo, tmp_path, monkeypatch, task):
+    """evaluate_model.py with no protocol option evaluates as the fine-tuning run did: same settings, same
+    numbers as the run's own eval_results.json; the report goes under outputs/evaluation, not into final/."""
+    from densecl_vit.training.engine import cli_main
+    from densecl_vit.training.evaluation import EvaluateConfig
+
+    out, _ = quick_demo
+    monkeypatch.chdir(tmp_path)
+    argv = ["--task", task, "--model", str(out / task / "final"), "--dataset", str(out / "data"),
+            "--num-workers", "0"]  # fmt: skip
+    assert cli_main(load_script("evaluate_model").main, EvaluateConfig, argv) == 0
+    report = json.loads(next(tmp_path.glob("outputs/evaluation/*/*/eval_results.json")).read_text())
+    assert not (out / task / "final" / "eval_results.json").exists()
+    run = json.loads((out / task / "eval_results.json").read_text())
+    assert report["protocol"] == {"name": "training", **run["protocol"]}
+    if task == "segmentation":  # the demo's window and rescale, not ADE20K's 2048 x 512
+        assert (report["protocol"]["crop_size"], report["protocol"]["scale_bounds"]) == (32, [32, 32])
+    assert report["metrics"] == pytest.approx(run["metrics"], rel=1e-6)
+    assert report["num_samples"] == report["examples_seen"] == run["examples_seen"] == QUICK.num_val
+    assert report["skipped_by_reason"] == run["skipped_by_reason"] == {}
+
+
+def test_quick_demo_log_is_quiet_and_lists_what_it_wrote(tmp_path, capfd):
+    """No transformers LOAD REPORT (raw colour codes in a log file) nor layer-decay table in the log: the table
+    goes to param_groups.txt, named in one line; the "written:" list names the logs and example pictures."""
+    assert load_script("demo").main(["--quick", "--output-dir", str(tmp_path / "demo")]) == 0
+    out, err = capfd.readouterr()
+    log = out + err
+    assert "LOAD REPORT" not in log and "\x1b[" not in log and "layer_0_decay" not in log
+    for task in ("segmentation", "depth"):
+        groups = tmp_path / "demo" / task / "param_groups.txt"
+        assert (
+            "layer_0_decay" in groups.read_text()
+            and f"parameter groups (lr scale, weight decay): {groups}" in log
+        )
+    assert log.count("newly initialised") == 2  # the scripts' own line on what the encoder did not hold
+    paths = json.loads((tmp_path / "demo" / "demo_results.json").read_text())["paths"]
+    assert {"pre-training log", "segmentation example", "depth example", "depth log", "results"} <= set(paths)
+    assert "pre-training curves" not in paths  # the quick demo draws no curves
+    written = out[out.index("written:") :]
+    assert all(path in written for path in paths.values())
+    # The depth picture: the input and its depth side by side (square images), then the colour bar.
+    picture = PIL.Image.open(paths["depth example"])
+    assert picture.width > 2 * picture.height

@@ -50,18 +50,26 @@ def folders(tmp_path_factory, tiny):
     }
 
 
-def test_segmentation_folder_report_next_to_the_model(folders):
+def test_segmentation_folder_report_in_output_dir_and_next_to_the_model_when_asked(folders, tmp_path, capsys):
     argv = ["--task", "segmentation", "--model", str(folders["seg"]), "--dataset", str(folders["seg_data"]),
-            "--num-workers", "0", "--scale-bounds", "80,40"]  # fmt: skip
+            "--num-workers", "0", "--scale-bounds", "80,40", "--output-dir", str(tmp_path)]  # fmt: skip
     assert cli_main(evaluate_model.main, EvaluateConfig, argv) == 0
+    assert not (folders["seg"] / "eval_results.json").exists()
+    assert "evaluate: 3image" in capsys.readouterr().err.replace("\r", "\n")  # the progress bar's last state
+    assert cli_main(evaluate_model.main, EvaluateConfig, [*argv, "--write-model-card-results"]) == 0
+    assert (tmp_path / "eval_results.json").read_text() == (folders["seg"] / "eval_results.json").read_text()
     report = load_eval_results(folders["seg"] / "eval_results.json")
     assert (report.task, report.num_samples, report.dataset_split) == (
         "semantic-segmentation",
         3,
         "validation",
     )
-    # Defaults: the window is the model's image size, the stride 2/3 of it.
-    assert (report.protocol["crop_size"], report.protocol["stride"]) == (32, 21)
+    # No training config beside the model: ADE20K, whose window is the model's image size, the stride 2/3 of it.
+    assert (report.protocol["name"], report.protocol["crop_size"], report.protocol["stride"]) == (
+        "ade20k",
+        32,
+        21,
+    )
     written = json.loads((folders["seg"] / "eval_results.json").read_text())
     assert written["per_category"]["labels"] == list(SEG_CLASSES.values())
 
@@ -105,9 +113,26 @@ def test_refuses_a_folder_without_a_trained_head_and_bad_options(folders, capsys
         cli_main(
             evaluate_model.main,
             EvaluateConfig,
-            ["--task", "depth", "--model", "owner/name", "--dataset", "x"],
+            ["--task", "depth", "--model", "owner/name", "--dataset", "x", "--write-model-card-results"],
         )
-    assert "set --output-dir" in capsys.readouterr().err
+    assert "--write-model-card-results needs a local --model folder" in capsys.readouterr().err
+    for protocol, message in (("ade20k", "not a depth protocol"), ("training", "needs the config.yaml")):
+        with pytest.raises(SystemExit):
+            cli_main(
+                evaluate_model.main,
+                EvaluateConfig,
+                [
+                    "--task",
+                    "depth",
+                    "--model",
+                    str(folders["depth"]),
+                    "--dataset",
+                    "x",
+                    "--protocol",
+                    protocol,
+                ],
+            )
+        assert message in capsys.readouterr().err
 
 
 def _evaluate_on_every_rank(argv: list[str]) -> None:
@@ -135,4 +160,55 @@ def test_two_processes_report_what_one_process_reports(folders, tmp_path, task):
     )
     one, two = (load_eval_results(tmp_path / run / "eval_results.json") for run in ("one", "two"))
     assert one.num_samples == two.num_samples == 3
+    counts = [
+        json.loads((tmp_path / run / "eval_results.json").read_text())["examples_seen"]
+        for run in ("one", "two")
+    ]
+    assert counts == [3, 3]  # each process read its share; the report sums them
     assert two.metrics == pytest.approx(one.metrics)
+
+
+def test_training_protocol_comes_from_the_runs_config(folders, tmp_path):
+    """The run's config.yaml above final/ names the protocol; a config of the other task is refused."""
+    seg_settings = segmentation.training_settings(
+        {"crop_size": [48, 48], "decode_head": "linear", "scale_bounds": [64, 48], "eval_window": None}
+    )
+    assert seg_settings == {
+        "window": 48,
+        "stride": 32,
+        "scale_bounds": (64, 48),
+        "reduce_labels": True,
+        "ignore_index": None,
+    }
+    depth_settings = depth.training_settings({"depth_head": "linear", "dataset": "sayakpaul/nyu_depth_v2"})
+    assert depth_settings == {"eigen_crop": True, "eval_size": None, "depth_scale": 1.0}
+    with pytest.raises(ValueError, match="no depth fine-tuning config; use --protocol nyu"):
+        depth.training_settings({"decode_head": "linear", "crop_size": [32, 32]})
+
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    for path in folders["seg"].iterdir():
+        (run / "final" / path.name).write_bytes(path.read_bytes())
+    (run / "config.yaml").write_text(
+        "crop_size: [32, 32]\ndecode_head: upernet\neval_stride: 8\nscale_bounds: [80, 40]\n"
+    )
+    argv = ["--task", "segmentation", "--model", str(run / "final"), "--dataset", str(folders["seg_data"]),
+            "--num-workers", "0", "--output-dir", str(tmp_path / "eval"), "--progress", "false"]  # fmt: skip
+    assert cli_main(evaluate_model.main, EvaluateConfig, argv) == 0
+    protocol = json.loads((tmp_path / "eval" / "eval_results.json").read_text())["protocol"]
+    assert (protocol["name"], protocol["crop_size"], protocol["stride"], protocol["scale_bounds"]) == (
+        "training",
+        32,
+        8,
+        [80, 40],
+    )
+    # ADE20K by name, one setting overridden (its 2048 x 512 rescale would make this test slow).
+    ade20k = [*argv, "--protocol", "ade20k", "--scale-bounds", "64,32"]
+    assert cli_main(evaluate_model.main, EvaluateConfig, ade20k) == 0
+    protocol = json.loads((tmp_path / "eval" / "eval_results.json").read_text())["protocol"]
+    assert (protocol["name"], protocol["crop_size"], protocol["stride"], protocol["scale_bounds"]) == (
+        "ade20k",
+        32,
+        21,
+        [64, 32],
+    )

@@ -312,9 +312,10 @@ def test_script_trains_evaluates_and_writes_its_outputs(files, tmp_path, capsys)
     argv = run_args(files, out, "--max-steps", "4", "--eval-every", "2", "--decode-head", "upernet")
     assert cli_main(main, FinetuneSegmentationConfig, argv) == 0
     printed = capsys.readouterr().out
-    assert (
-        printed.count("layer_0_no_decay") == 1 and "newly initialised: auxiliary_head, classifier" in printed
-    )
+    assert "newly initialised: auxiliary_head, classifier" in printed
+    # The layer-decay table goes to a file of the run, named in one line of the log.
+    assert "layer_0_no_decay" not in printed and f"weight decay): {out / 'param_groups.txt'}" in printed
+    assert (out / "param_groups.txt").read_text().count("layer_0_no_decay") == 1
     for name in ("config.yaml", "metrics.jsonl", "results.json", "eval_results.json", "final/config.json",
                  "final/model.safetensors", "final/preprocessor_config.json"):  # fmt: skip
         assert (out / name).is_file(), name

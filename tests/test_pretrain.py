@@ -190,8 +190,8 @@ def test_recipes_hold_the_papers_settings(size):
 @pytest.mark.parametrize("size", ["tiny", "small", "base"])
 def test_local_local_recipes_differ_from_the_papers_only_in_loss_and_output(size):
     recipes = REPO / "training" / "recipes"
-    paper = load_config(PretrainConfig, recipes / f"pretrain_vit_{size}.yaml")
-    dense = load_config(PretrainConfig, recipes / f"pretrain_vit_{size}_local_local.yaml")
+    paper = parse_config(PretrainConfig, ["--config", str(recipes / f"pretrain_vit_{size}.yaml")])
+    dense = parse_config(PretrainConfig, ["--config", str(recipes / f"pretrain_vit_{size}_local_local.yaml")])
     dense.validate()
     differing = {k for k, v in vars(dense).items() if vars(paper)[k] != v}
     assert differing == {"loss", "output_dir"}

@@ -199,11 +199,14 @@ def test_predict_depth_script_in_process(tmp_path, photos, depth_dir, capsys):
         )
 
         figure = read_png(tmp_path / f"{name}_depth.png")[..., :3]
-        assert figure.shape[0] == image.height and figure.shape[1] > image.width
-        assert figure.reshape(-1, 3).var(axis=0).sum() > 0
+        assert figure.shape[0] == image.height and figure.shape[1] > 2 * image.width
         normalised = (depth.astype(float) - depth.min()) / (depth.max() - depth.min())
         expected = np.round(colormaps["magma_r"](normalised)[..., :3] * 255).astype(np.uint8)
-        np.testing.assert_array_equal(figure[:, : image.width], expected)
+        # The photograph, a white gap, then its depth (then the colour bar).
+        gap = visualize.depth_gap(image.height)
+        np.testing.assert_array_equal(figure[:, : image.width], np.asarray(image))
+        assert (figure[:, image.width : image.width + gap] == 255).all()
+        np.testing.assert_array_equal(figure[:, image.width + gap : 2 * image.width + gap], expected)
 
 
 def test_predict_depth_script_runs_a_dpt_model_and_its_stock_release(tmp_path, photos):
@@ -441,3 +444,19 @@ def test_plot_metrics_script_with_two_runs(tmp_path):
     assert read_png(runs[0] / "curves.png").shape[:2] == (720, 1560)
     with pytest.raises(SystemExit):
         plot_metrics.main([str(r) for r in runs])  # several runs need --output
+
+
+def test_visualize_features_image_size_sets_the_patch_grid(tmp_path, photos, capsys, monkeypatch):
+    script = load_script("visualize_features")
+    drawn = []
+    monkeypatch.setattr(script, "draw_figure", lambda images, labels, rows, output: drawn.append(rows))
+    encoder_dir = save_model(DenseCLViTModel(tiny_config()), tmp_path / "encoder")  # image 32, patch 8
+    argv = ["--model", str(encoder_dir), str(photos["chelsea"]), "--output", str(tmp_path / "f.png")]
+    assert script.main(argv) == 0 and script.main([*argv, "--image-size", "64"]) == 0
+    assert [rows[0][2][0].shape for rows in drawn] == [(4, 4, 3), (8, 8, 3)]
+    assert script.main([*argv, "--image-size", "60"]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith("--image-size 60 must be a multiple of the model's patch size 8")
+    )

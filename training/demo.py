@@ -7,11 +7,14 @@ Each stage is one of the project's runs called in this process on the typed opti
 demo exercises what a user runs without paying for a fresh interpreter (torch + transformers imports) per stage. Output layout under the demo folder::
 
     data/                        the synthetic dataset (kept between runs with the same settings)
-    pretrain/final/              the pre-trained encoder (+ results.json, metrics.jsonl, config.yaml)
-    segmentation/final/          the fine-tuned segmentation model (+ eval_results.json, example.png)
-    depth/final/                 the fine-tuned depth model (+ eval_results.json, example.png)
+    pretrain/                    final/ (the pre-trained encoder), results.json, metrics.jsonl, config.yaml
+    segmentation/, depth/        final/ (the fine-tuned model), eval_results.json, example.png (its prediction on
+                                 the first validation image), param_groups.txt, results.json, metrics.jsonl,
+                                 config.yaml (whose protocol scripts/evaluate_model.py evaluates with)
     release/segmentation/, release/depth/   Hub-ready folders: README.md, model.safetensors, config.json, ...
-    demo_results.json            the numbers of the printed table and the paths above
+    demo_results.json            the numbers of the printed table and the paths the table lists
+
+transformers' own load reports and progress bars are off during the stages: each script prints its own line.
 """
 
 from __future__ import annotations
@@ -22,17 +25,18 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from transformers.utils import logging as transformers_logging
 
 from ..modeling.configuration_densecl_vit import parse_pretraining_loss
 from .depth import FinetuneDepthConfig
 from .depth import main as depth_main
+from .exits import StageInterrupted
 from .pretraining import PretrainConfig
 from .pretraining import main as pretrain_main
 from .runlog import read_json, write_json
@@ -135,10 +139,6 @@ QUICK = DemoSettings(
 # --- running the scripts in-process -------------------------------------------------------------------
 
 
-class StageInterrupted(RuntimeError):
-    """A training stage stopped before its end (SIGTERM/SIGINT); its checkpoint is kept in its output folder."""
-
-
 @contextlib.contextmanager
 def torch_threads(num_threads: int | None, num_workers: int) -> Iterator[int]:
     """Run a block with `num_threads` torch threads (None: the CPUs left by `num_workers` data loader workers,
@@ -167,19 +167,6 @@ def run_stage(main_fn: Callable[[T], Any], cfg: T) -> Any:
             f"{cfg.output_dir} stopped at step {result.get('steps')} ({result['status']}); its checkpoint is kept"
         )
     return result
-
-
-def exit_status(run: Callable[[], Any]) -> int:
-    """Run a command line's work and return its exit status, as the training scripts do: 2 with a one-line
-    `error:` for a bad option or setting (ValueError), 0 when done or stopped by a signal (`StageInterrupted`)."""
-    try:
-        run()
-    except ValueError as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 2
-    except StageInterrupted as stop:
-        print(f"stopped: {stop}", file=sys.stderr)
-    return 0
 
 
 def model_argument(model: str | Mapping[str, Any], folder: Path) -> str:
@@ -308,6 +295,21 @@ def _stages(
     ]  # fmt: skip
 
 
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Run a block with transformers' warnings and progress bars off: its LOAD REPORT tables (raw colour codes
+    in a log file) repeat what the scripts' own "loaded ...; newly initialised: ..." line says."""
+    verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
+
+
 def run_demo(
     s: DemoSettings,
     output_dir: str | os.PathLike,
@@ -330,7 +332,7 @@ def run_demo(
     stages = _stages(s, paths, export)
     outputs: dict[str, Any] = {}
     timings: dict[str, float] = {}
-    with torch_threads(s.num_threads, s.num_workers) as threads:
+    with torch_threads(s.num_threads, s.num_workers) as threads, quiet_transformers():
         echo(f"{threads} torch thread(s), {s.num_workers} data loader worker(s) per stage")
         for number, (key, title, run) in enumerate(stages, start=1):
             echo(f"\n[{number}/{len(stages) + 1}] {title}")
@@ -348,6 +350,28 @@ def run_demo(
 # --- the report ---------------------------------------------------------------------------------------
 
 
+def written_paths(paths: Mapping[str, Path], releases: Mapping[str, Path], results: Path) -> dict[str, str]:
+    """What the demo wrote worth opening, by label in stage order: the files and folders that exist (curves.png
+    only where the runs drew them), and `results`, the demo_results.json written with this list."""
+    candidates = [
+        ("dataset", paths["data"]),
+        ("encoder", paths["pretrain"] / "final"),
+        ("pre-training log", paths["pretrain"] / "metrics.jsonl"),
+        ("pre-training curves", paths["pretrain"] / "curves.png"),
+    ]
+    for task in ("segmentation", "depth"):
+        run = paths[task]
+        candidates += [
+            (f"{task} model", run / "final"),
+            (f"{task} log", run / "metrics.jsonl"),
+            (f"{task} curves", run / "curves.png"),
+            (f"{task} example", run / "example.png"),
+            (f"{task} release", releases[task]),
+        ]
+    written = {label: str(path) for label, path in candidates if path.exists()}
+    return {**written, "results": str(results)}
+
+
 def summarize(s: DemoSettings, paths: Mapping[str, Path], outputs: Mapping[str, Any]) -> dict[str, Any]:
     """The demo's numbers (from the runs' results and eval_results.json files) and where everything lies;
     `outputs` holds what each stage returned (the training stages: their results.json content)."""
@@ -363,14 +387,7 @@ def summarize(s: DemoSettings, paths: Mapping[str, Path], outputs: Mapping[str, 
         "rmse": depth["rmse"],
         "delta1": depth["delta1"],
     }
-    written = {
-        "dataset": paths["data"],
-        "encoder": paths["pretrain"] / "final",
-        "segmentation model": paths["segmentation"] / "final",
-        "depth model": paths["depth"] / "final",
-        "segmentation release": outputs["release"]["segmentation"],
-        "depth release": outputs["release"]["depth"],
-    }
+    written = written_paths(paths, outputs["release"], paths["data"].parent / "demo_results.json")
     return {
         "settings": dataclasses.asdict(s),
         "model": f"{s.describe_model()}/{s.patch_size()} at {s.image_size}x{s.image_size} px",
@@ -380,7 +397,7 @@ def summarize(s: DemoSettings, paths: Mapping[str, Path], outputs: Mapping[str, 
             "depth": outputs["depth"]["steps"],
         },
         "metrics": metrics,
-        "paths": {name: str(path) for name, path in written.items()},
+        "paths": written,
     }
 
 
@@ -404,7 +421,8 @@ def format_results(results: Mapping[str, Any]) -> str:
     if total is not None:
         lines.append(f"  wall time     {total:.0f} s")
     lines.append("written:")
-    lines += [f"  {name:<21} {path}" for name, path in results["paths"].items()]
+    width = max(map(len, results["paths"]))
+    lines += [f"  {name:<{width}}  {path}" for name, path in results["paths"].items()]
     return "\n".join(lines)
 
 

@@ -30,7 +30,7 @@ from ..modeling import DenseCLViTForDepthEstimation
 from .config import option
 from .dense_transforms import DepthAugment, DepthAugmentConfig, to_pixel_values
 from .depth_eval import DepthProtocol, evaluate_depth
-from .evaluation import EvalSource, EvaluateConfig, open_eval_source
+from .evaluation import EvalSource, EvaluateConfig, eval_counts, open_eval_source
 from .finetuning import (
     FINETUNE_CRITICAL_KEYS,
     FinetuneArgs,
@@ -43,6 +43,7 @@ from .model_start import load_finetuned
 from .samples import decode_depth, decode_image, validate_depth
 
 TASK = "depth-estimation"
+NO_VALID_PIXEL_IN_CROP = "no_valid_pixel_in_crop"
 DEPTH_METRICS = ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "delta1", "delta2", "delta3")
 DEPTH_CRITICAL_KEYS = (
     *FINETUNE_CRITICAL_KEYS,
@@ -193,16 +194,15 @@ def evaluation_report(
         model.config.patch_size,
         protocol.eval_size,
     )
-    results = evaluate_depth(model, source.loader(sample, accelerator), accelerator, protocol)
+    loader = source.loader(sample, accelerator)
+    results = evaluate_depth(model, source.progress_bar(loader, accelerator), accelerator, protocol)
+    # Rows that decoded but keep no valid pixel inside the crop reach the metric and are left out there.
+    dropped = {NO_VALID_PIXEL_IN_CROP: int(results["num_skipped"])}
     return {
         "dataset": source.dataset,
         "metrics": {name: float(results[name]) for name in DEPTH_METRICS},
-        "protocol": {
-            **protocol.to_dict(),
-            "depth_scale": depth_scale,
-            "num_skipped": int(results["num_skipped"]),
-        },
-        "num_samples": int(results["num_images"]),
+        "protocol": {**protocol.to_dict(), "depth_scale": depth_scale},
+        **eval_counts(loader, accelerator, dropped),
     }
 
 
@@ -243,16 +243,38 @@ def main(cfg: FinetuneDepthConfig) -> dict[str, Any]:
     return run_finetuning(DepthTask(cfg))
 
 
+# NYU-Depth V2: Eigen crop (None: on when --dataset names NYU), whole images, depth in metres.
+NYU_SETTINGS = {"eigen_crop": None, "eval_size": None, "depth_scale": 1.0}
+
+
+def training_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The evaluation settings a depth fine-tuning run used, from its saved config."""
+    if "depth_head" not in config:
+        raise ValueError("the config beside --model is no depth fine-tuning config; use --protocol nyu")
+    eval_size = config.get("eval_size")
+    return {
+        "eigen_crop": auto_eigen_crop(config.get("eigen_crop"), config.get("dataset", "")),
+        "eval_size": tuple(eval_size) if eval_size else None,
+        "depth_scale": float(config.get("depth_scale", 1.0)),
+    }
+
+
 def evaluate_folder(cfg: EvaluateConfig, accelerator: Accelerator) -> dict[str, Any]:
-    """Evaluate a fine-tuned depth folder as `cfg` says (depth range: the model's); returns the
+    """Evaluate a fine-tuned depth folder with the protocol `cfg` names (depth range: the model's); returns the
     eval_results.json fields."""
     model = load_finetuned(DenseCLViTForDepthEstimation, cfg.model).to(accelerator.device)
-    check_eval_size(cfg.eval_size, model.config.patch_size)
+    settings = cfg.protocol_settings(NYU_SETTINGS, training_settings)
+    check_eval_size(settings["eval_size"], model.config.patch_size)
+    eigen_crop = settings["eigen_crop"]
+    if cfg.protocol == "nyu" and eigen_crop is None:
+        eigen_crop = True  # named explicitly: the NYU protocol, whatever the dataset is called
     protocol = DepthProtocol(
         model.config.min_depth,
         model.config.max_depth,
-        auto_eigen_crop(cfg.eigen_crop, cfg.dataset),
-        cfg.eval_size,
+        auto_eigen_crop(eigen_crop, cfg.dataset),
+        settings["eval_size"],
     )
-    source = open_eval_source(cfg, cfg.split, resolve_columns, cfg.max_samples)
-    return evaluation_report(model, source, accelerator, protocol, cfg.depth_scale)
+    source = open_eval_source(cfg, cfg.split, resolve_columns, cfg.max_samples, progress=cfg.progress)
+    report = evaluation_report(model, source, accelerator, protocol, settings["depth_scale"])
+    report["protocol"] = {"name": cfg.protocol_name(), **report["protocol"]}
+    return report

@@ -257,7 +257,10 @@ def run_finetuning(task: FinetuneTask) -> dict[str, Any]:
         total_steps = total_steps_for(cfg, accelerator.num_processes, stream_num_examples(stream, cfg.split))
         model = build_model(task, overrides, accelerator)
         optimizer, scheduler = build_optimizer(cfg, model, total_steps)
-        accelerator.print(describe_param_groups(optimizer.param_groups))
+        if accelerator.is_main_process:  # two rows per block: a file of the run, not the log
+            groups = Path(cfg.output_dir) / "param_groups.txt"
+            groups.write_text(describe_param_groups(optimizer.param_groups) + "\n")
+            print(f"parameter groups (lr scale, weight decay): {groups}")
         source = None
         if cfg.eval_split is not None:
             source = open_eval_source(cfg, cfg.eval_split, task.resolve_columns, cfg.max_eval_samples)

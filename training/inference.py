@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,8 @@ def load_pretrained(model_dir: str | os.PathLike, device: str | torch.device = "
     The model class follows `config.architectures` (segmentation, depth, pre-training or the bare encoder).
     A folder without `preprocessor_config.json` gets a `DenseCLViTImageProcessor` at the config's image size.
     """
+    if Path(model_dir).is_dir() and not (Path(model_dir) / "config.json").is_file():
+        raise ValueError(f"{model_dir} holds no config.json; pass a folder written by save_pretrained")
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
     architecture = (getattr(config, "architectures", None) or [""])[0]
     # The Auto class of our model class with the same suffix, so stock releases (UperNetFor...) load too.

@@ -33,7 +33,7 @@ from torch import nn
 from ..modeling import DenseCLViTForSemanticSegmentation
 from .config import option
 from .dense_transforms import SegmentationAugment, SegmentationAugmentConfig, rescale_within, to_pixel_values
-from .evaluation import EvalSource, EvaluateConfig, check_scale_bounds, open_eval_source
+from .evaluation import EvalSource, EvaluateConfig, check_scale_bounds, eval_counts, open_eval_source
 from .finetuning import (
     FINETUNE_CRITICAL_KEYS,
     FinetuneArgs,
@@ -256,15 +256,16 @@ def evaluation_report(
         protocol.ignore_index,
         protocol.scale_bounds,
     )
-    metrics, _, count = evaluate_segmentation(
-        model, source.loader(sample, accelerator), accelerator, protocol
+    loader = source.loader(sample, accelerator)
+    metrics, _, _ = evaluate_segmentation(
+        model, source.progress_bar(loader, accelerator), accelerator, protocol
     )
     names = {int(k): v for k, v in model.config.id2label.items()}
     return {
         "dataset": source.dataset,
         "metrics": {name: float(metrics[name]) for name in ("mean_iou", "mean_accuracy", "overall_accuracy")},
         "protocol": protocol.to_dict(),
-        "num_samples": count,
+        **eval_counts(loader, accelerator),
         "per_category": {
             "labels": [names.get(i, str(i)) for i in range(model.config.num_labels)],
             "iou": metrics["per_category_iou"],
@@ -317,17 +318,58 @@ def main(cfg: FinetuneSegmentationConfig) -> dict[str, Any]:
     return run_finetuning(SegmentationTask(cfg))
 
 
-def evaluate_folder(cfg: EvaluateConfig, accelerator: Accelerator) -> dict[str, Any]:
-    """Evaluate a fine-tuned segmentation folder as `cfg` says (window: the model's image size, stride 2/3 of
-    it by default); returns the eval_results.json fields."""
-    model = load_finetuned(DenseCLViTForSemanticSegmentation, cfg.model).to(accelerator.device)
-    window = cfg.window or model.config.image_size
-    protocol = SegmentationProtocol(
+# ADE20K: the window is the model's image size (its fine-tuning crop, 512), the stride 2/3 of it.
+ADE20K_SETTINGS = {
+    "window": None,
+    "stride": None,
+    "scale_bounds": (2048, 512),
+    "reduce_labels": True,
+    "ignore_index": None,
+}
+
+
+def training_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The evaluation settings a segmentation fine-tuning run used, from its saved config."""
+    if "decode_head" not in config or "crop_size" not in config:
+        raise ValueError(
+            "the config beside --model is no segmentation fine-tuning config; use --protocol ade20k"
+        )
+    window = config.get("eval_window") or int(config["crop_size"][0])
+    return {
+        "window": window,
+        "stride": config.get("eval_stride") or default_stride(window),
+        "scale_bounds": tuple(config.get("scale_bounds") or ADE20K_SETTINGS["scale_bounds"]),
+        "reduce_labels": bool(config.get("reduce_labels", True)),
+        "ignore_index": config.get("ignore_index"),
+    }
+
+
+def folder_protocol(cfg: EvaluateConfig, model: nn.Module) -> SegmentationProtocol:
+    """The protocol `cfg` names (see `EvaluateConfig.protocol_settings`), completed with the model's defaults."""
+    settings = cfg.protocol_settings(ADE20K_SETTINGS, training_settings)
+    if cfg.window is not None and cfg.stride is None:
+        settings["stride"] = None  # a new window takes its own default stride, not the protocol's
+    window = settings["window"] or model.config.image_size
+    ignore_index = settings["ignore_index"]
+    return SegmentationProtocol(
         window,
-        cfg.stride or default_stride(window),
-        cfg.scale_bounds,
-        cfg.reduce_labels,
-        model.config.semantic_loss_ignore_index if cfg.ignore_index is None else cfg.ignore_index,
+        settings["stride"] or default_stride(window),
+        tuple(settings["scale_bounds"]),
+        settings["reduce_labels"],
+        model.config.semantic_loss_ignore_index if ignore_index is None else ignore_index,
     )
-    source = open_eval_source(cfg, cfg.split, resolve_columns, cfg.max_samples)
-    return evaluation_report(model, source, accelerator, protocol)
+
+
+def evaluate_folder(cfg: EvaluateConfig, accelerator: Accelerator) -> dict[str, Any]:
+    """Evaluate a fine-tuned segmentation folder with the protocol `cfg` names; returns the eval_results.json
+    fields."""
+    model = load_finetuned(DenseCLViTForSemanticSegmentation, cfg.model).to(accelerator.device)
+    protocol = folder_protocol(cfg, model)
+    if protocol.stride > protocol.window:
+        raise ValueError(
+            f"stride {protocol.stride} must not exceed the window {protocol.window}; set --stride"
+        )
+    source = open_eval_source(cfg, cfg.split, resolve_columns, cfg.max_samples, progress=cfg.progress)
+    report = evaluation_report(model, source, accelerator, protocol)
+    report["protocol"] = {"name": cfg.protocol_name(), **report["protocol"]}
+    return report

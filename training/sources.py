@@ -101,7 +101,8 @@ def resolve_column(
     """The column to read for `kind` ("image", "label" or "depth").
 
     A requested name must exist. Without one, "label" and "depth" default to "annotation" and "depth_map";
-    "image" auto-detects the single `datasets.Image` column not in `exclude` (pass the label/depth column
+    "image" takes the column named `image` (the Hub's convention, which also holds beside annotation and depth
+    images), else auto-detects the single `datasets.Image` column not in `exclude` (pass the label/depth column
     there for datasets whose annotations are images too).
     """
     import datasets
@@ -124,6 +125,8 @@ def resolve_column(
         raise ValueError(f"no {kind} column {_DEFAULT_COLUMNS[kind]!r}; set {option} to one of: {columns}")
     images = [name for name, feature in features.items() if isinstance(feature, datasets.Image)]
     candidates = [name for name in images if name not in exclude]
+    if "image" in candidates:
+        return "image"
     if len(candidates) == 1:
         return candidates[0]
     if candidates:

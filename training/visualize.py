@@ -100,6 +100,11 @@ def _enlarge(picture: np.ndarray) -> np.ndarray:
     return picture if scale == 1 else picture.repeat(scale, axis=0).repeat(scale, axis=1)
 
 
+def depth_gap(height: int) -> int:
+    """White columns between the input and its depth in `depth_figure`."""
+    return max(2, height // 32)
+
+
 def _font_px(height: int) -> float:
     return float(np.clip(height / 32, 10, 36))
 
@@ -153,13 +158,21 @@ def segmentation_figure(
 
 
 def depth_figure(
-    depth: np.ndarray, cmap: str = DEPTH_CMAP, vmin: float | None = None, vmax: float | None = None
+    depth: np.ndarray,
+    image: np.ndarray | None = None,
+    cmap: str = DEPTH_CMAP,
+    vmin: float | None = None,
+    vmax: float | None = None,
 ) -> np.ndarray:
     """The colour-mapped depth with a colour bar in metres: (H', W + bar, 3) uint8, left part as `colorize_depth`
-    enlarged by `display_scale(H)`."""
+    enlarged by `display_scale(H)`. With the input `image` (H, W, 3) it comes first, then a white gap of
+    `depth_gap(H')` columns: (H', W + gap + W + bar, 3), so the picture shows what the depth is of."""
     depth = np.asarray(depth, dtype=np.float64)
     vmin, vmax = _depth_range(depth, vmin, vmax)
     picture = _enlarge(colorize_depth(depth, vmin, vmax, cmap))
+    if image is not None:
+        gap = np.full((picture.shape[0], depth_gap(picture.shape[0]), 3), 255, dtype=np.uint8)
+        picture = np.concatenate([_enlarge(np.asarray(image, dtype=np.uint8)[..., :3]), gap, picture], axis=1)
 
     def draw(fig: Figure, font_pt: float) -> None:
         font_px = font_pt * DPI / 72
@@ -196,10 +209,11 @@ def save_png(picture: np.ndarray, path: str | os.PathLike) -> Path:
 def render_prediction(
     image: PIL.Image.Image, prediction: np.ndarray, task: str, id2label: dict | None = None
 ) -> np.ndarray:
-    """The picture of one prediction: `segmentation_figure` or `depth_figure`, (H', W', 3) uint8."""
+    """The picture of one prediction: `segmentation_figure` (the overlay on the image) or `depth_figure` (the
+    image beside its depth), (H', W', 3) uint8."""
     if task == "segmentation":
         return segmentation_figure(np.asarray(image), prediction, id2label)
-    return depth_figure(prediction)
+    return depth_figure(prediction, np.asarray(image))
 
 
 def prediction_picture(model: Any, processor: Any, image: PIL.Image.Image) -> np.ndarray:

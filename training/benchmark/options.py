@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         "results.md.",
     )
     add = parser.add_argument
-    add("--device", choices=("cpu", "cuda"), default="cpu")
+    add("--device", choices=("cpu", "cuda"), default="cpu", help="where to time (cuda: bf16 autocast, MFU)")
     add("--quick", action="store_true", help="tiny model, batches and repeats (for tests; < 1 minute on CPU)")
     add("--sizes", help=f"comma-separated, from {', '.join(SIZES)} (default vit-tiny,vit-small; quick: test)")
     add("--batch", type=int, help="images per step (default: 4 on CPU, 128 on GPU, 2 quick)")
@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="images of the dense_memory section (default 128 on GPU, 32 on CPU, quick 2)",
     )
     add("--peak-tflops", type=float, help="the accelerator's peak TFLOP/s for MFU (default: from its name)")
-    add("--output-dir", default="outputs/benchmark")
+    add("--output-dir", default="outputs/benchmark", help="folder for results.json and results.md")
     return parser
 
 
