@@ -50,8 +50,8 @@ from densecl_vit.modeling import (
     DenseCLViTModel,
     modeling_densecl_vit,
 )
-from densecl_vit.training.inference import load_image, model_task
-from densecl_vit.training.visualize import PICTURE_SUFFIXES, prediction_picture, save_png
+from densecl_vit.training.evaluation.visualize import PICTURE_SUFFIXES, prediction_picture, save_png
+from densecl_vit.training.interop.inference import load_image, model_task
 
 from . import stock
 from .cards import CardInputs, load_training_config, render_model_card, training_sources

@@ -42,7 +42,7 @@ from transformers import (
 )
 
 from densecl_vit.modeling import DenseCLViTImageProcessor, DenseCLViTModel
-from densecl_vit.training.conversion import densecl_to_hf_vit, densecl_to_timm, timm_kwargs
+from densecl_vit.training.interop.conversion import densecl_to_hf_vit, densecl_to_timm, timm_kwargs
 
 from .snippets import StockFormats
 

@@ -10,7 +10,7 @@ Writes OUTPUT_DIR/results.json and OUTPUT_DIR/results.md (default outputs/benchm
 
 import sys
 
-from densecl_vit.training.benchmark import main
+from densecl_vit.training.experiments.benchmark import main
 
 if __name__ == "__main__":
     sys.exit(main())

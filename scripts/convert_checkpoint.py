@@ -33,7 +33,8 @@ from densecl_vit.modeling.image_processing_densecl_vit import (
     DenseCLViTImageProcessor,
 )
 from densecl_vit.modeling.modeling_densecl_vit import DenseCLViTModel
-from densecl_vit.training.conversion import (
+from densecl_vit.training.engine.exits import exit_status
+from densecl_vit.training.interop.conversion import (
     densecl_to_hf_vit,
     densecl_to_timm,
     dino_to_densecl,
@@ -43,8 +44,7 @@ from densecl_vit.training.conversion import (
     resize_to_image_size,
     timm_to_densecl,
 )
-from densecl_vit.training.exits import exit_status
-from densecl_vit.training.weight_files import load_state_dict_file
+from densecl_vit.training.interop.weight_files import load_state_dict_file
 
 IMPORTERS = {"timm": timm_to_densecl, "hf-vit": hf_vit_to_densecl, "dino": dino_to_densecl}
 TIMM_LAYER_NORM_EPS = 1e-6

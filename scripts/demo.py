@@ -6,7 +6,7 @@ segmentation and depth heads -> evaluation -> Hub-ready folders with model cards
     python scripts/demo.py --quick              # every stage at toy size, in seconds (what the tests run)
 
 About 4 minutes on two CPU cores at the default settings (2 minutes of CPU time; README.md has the measurements);
-see `densecl_vit.training.demo` for the stages and the output layout. Exit status: 0 on success or when stopped by
+see `densecl_vit.training.experiments.demo` for the stages and the output layout. Exit status: 0 on success or when stopped by
 SIGTERM/SIGINT, 2 for a bad option or setting.
 """
 
@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 from densecl_vit.hub_cards.export import ReleaseOptions, build_release
-from densecl_vit.training.demo import DEFAULT, QUICK, check_finite, run_demo
-from densecl_vit.training.exits import exit_status
+from densecl_vit.training.engine.exits import exit_status
+from densecl_vit.training.experiments.demo import DEFAULT, QUICK, check_finite, run_demo
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -18,10 +18,10 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from densecl_vit.training import depth, segmentation
-from densecl_vit.training.engine import cli_main, setup_errors
-from densecl_vit.training.evaluation import EvaluateConfig, write_eval_results
-from densecl_vit.training.exits import user_errors
+from densecl_vit.training.engine.exits import user_errors
+from densecl_vit.training.engine.setup import cli_main, setup_errors
+from densecl_vit.training.evaluation.shared import EvaluateConfig, write_eval_results
+from densecl_vit.training.tasks import depth, segmentation
 
 
 def summary(cfg: EvaluateConfig, report: dict[str, Any]) -> str:

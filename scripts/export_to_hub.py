@@ -26,7 +26,7 @@ from typing import Any
 from transformers.utils import logging as transformers_logging
 
 from densecl_vit.hub_cards.export import EXAMPLE_PHOTO, FORMATS, ReleaseOptions, build_release, push_folder
-from densecl_vit.training.exits import exit_status
+from densecl_vit.training.engine.exits import exit_status
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -14,8 +14,8 @@ Exit status: 0 when done or stopped by SIGTERM/SIGINT (a checkpoint is saved), 2
 
 import sys
 
-from densecl_vit.training.depth import FinetuneDepthConfig, main
-from densecl_vit.training.engine import cli_main
+from densecl_vit.training.engine.setup import cli_main
+from densecl_vit.training.tasks.depth import FinetuneDepthConfig, main
 
 if __name__ == "__main__":
     sys.exit(cli_main(main, FinetuneDepthConfig))

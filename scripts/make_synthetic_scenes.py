@@ -3,7 +3,7 @@
     python scripts/make_synthetic_scenes.py --output-dir data/synthetic-scenes --num-train 2000 --num-val 200
 
 The folder loads with `datasets.load_dataset(folder)` or
-`densecl_vit.training.synthetic_dataset.load_synthetic_dataset(folder, split)`. A folder that already holds
+`densecl_vit.training.data.synthetic.dataset.load_synthetic_dataset(folder, split)`. A folder that already holds
 a complete dataset with the same settings is left as it is unless --force is given.
 """
 
@@ -13,8 +13,8 @@ import argparse
 import sys
 import time
 
-from densecl_vit.training.exits import exit_status
-from densecl_vit.training.synthetic_dataset import dataset_is_complete, write_dataset
+from densecl_vit.training.data.synthetic.dataset import dataset_is_complete, write_dataset
+from densecl_vit.training.engine.exits import exit_status
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -14,8 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from densecl_vit.training.curves import plot_run_curves
-from densecl_vit.training.exits import exit_status
+from densecl_vit.training.engine.curves import plot_run_curves
+from densecl_vit.training.engine.exits import exit_status
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -23,9 +23,9 @@ import numpy as np
 import PIL.Image
 from tqdm.auto import tqdm
 
-from densecl_vit.training.exits import exit_status
-from densecl_vit.training.inference import load_image, load_pretrained, model_task, predict_images
-from densecl_vit.training.visualize import PICTURE_SUFFIXES, render_prediction, save_png
+from densecl_vit.training.engine.exits import exit_status
+from densecl_vit.training.evaluation.visualize import PICTURE_SUFFIXES, render_prediction, save_png
+from densecl_vit.training.interop.inference import load_image, load_pretrained, model_task, predict_images
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -12,8 +12,8 @@ bad option or setting, 1 when the data is mostly unusable or training diverged.
 
 import sys
 
-from densecl_vit.training.engine import cli_main
-from densecl_vit.training.pretraining import PretrainConfig, main
+from densecl_vit.training.engine.setup import cli_main
+from densecl_vit.training.tasks.pretraining import PretrainConfig, main
 
 if __name__ == "__main__":
     sys.exit(cli_main(main, PretrainConfig))

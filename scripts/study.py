@@ -9,7 +9,7 @@ budget and full fine-tuning as secondary checks.
 
 Writes OUTPUT_DIR/study.md (validity line, tables, paired differences), study.json (every record) and study.png;
 started again on the same folder, it skips finished runs and resumes a run stopped by SIGTERM or SIGINT from its
-checkpoint. See `densecl_vit.training.study`.
+checkpoint. See `densecl_vit.training.experiments.study`.
 Exit status: 0 when done or stopped by a signal, 2 for a bad option or setting.
 """
 
@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from densecl_vit.training.exits import exit_status
-from densecl_vit.training.study import ARMS, SIZES, run_study
+from densecl_vit.training.engine.exits import exit_status
+from densecl_vit.training.experiments.study import ARMS, SIZES, run_study
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -24,9 +24,9 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from densecl_vit.training.exits import exit_status
-from densecl_vit.training.inference import encoder_features, load_image, load_pretrained
-from densecl_vit.training.visualize import background_score, patch_border, pca_rgb
+from densecl_vit.training.engine.exits import exit_status
+from densecl_vit.training.evaluation.visualize import background_score, patch_border, pca_rgb
+from densecl_vit.training.interop.inference import encoder_features, load_image, load_pretrained
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
