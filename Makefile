@@ -29,8 +29,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Every size, so that the loss terms' overhead covers Ti, S and B, and the dense term's memory at 128 images (ARGS
+# given after these override them).
+BENCH_ARGS ?= --sizes vit-tiny,vit-small,vit-base --dense-batch 128
+
 bench: $(STAMP)
-	$(PY) scripts/benchmark.py $(ARGS)
+	$(PY) scripts/benchmark.py $(BENCH_ARGS) $(ARGS)
 
 bench-gpu: $(STAMP)
 	$(PY) scripts/benchmark.py --device cuda $(ARGS)
