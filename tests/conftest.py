@@ -1,15 +1,16 @@
 import os
 
-import pytest
-import torch
-from helpers import run_isolated, tiny_config
-
-# Nothing in the test suite may reach the network.
+# Nothing in the test suite may reach the network. Set before anything imports huggingface_hub or datasets
+# (helpers does), which read these once at import.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from helpers import run_isolated, tiny_config  # noqa: E402
 
 # Tiny models run fastest on one thread, and the suite shares two cores with its own subprocesses.
 torch.set_num_threads(1)

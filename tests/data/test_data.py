@@ -141,6 +141,13 @@ def test_missing_split_lists_the_splits(sources, kind):
         open_stream(str(sources[kind]), split="test")
 
 
+def test_the_suite_is_offline():
+    """conftest sets the offline switches before anything reads them: the Hub code paths fail at once."""
+    import huggingface_hub.constants
+
+    assert huggingface_hub.constants.HF_HUB_OFFLINE and datasets.config.HF_HUB_OFFLINE
+
+
 def test_path_errors_are_one_line(tmp_path):
     with pytest.raises(ValueError, match="dataset path not found"):
         open_stream(str(tmp_path / "missing"))
