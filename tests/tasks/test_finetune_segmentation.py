@@ -395,11 +395,11 @@ def test_kill_9_then_resume_gives_the_uninterrupted_weights_bit_for_bit(files, t
     out = tmp_path / "killed"
     slow = (
         "import sys, time\n"
-        "from densecl_vit.training import engine, loop\n"
+        "from densecl_vit.training.engine import loop, setup\n"
         "from densecl_vit.training.tasks.segmentation import FinetuneSegmentationConfig, main\n"
         "step = loop.train_step\n"
         "loop.train_step = lambda *a, **k: (time.sleep(0.25), step(*a, **k))[1]\n"
-        "sys.exit(engine.cli_main(main, FinetuneSegmentationConfig, sys.argv[1:]))\n"
+        "sys.exit(setup.cli_main(main, FinetuneSegmentationConfig, sys.argv[1:]))\n"
     )
     argv = run_args(files, out, *common, "--eval-split", "none")
     child = subprocess.Popen([PYTHON, "-c", slow, *argv], env=subprocess_env(), stdout=subprocess.DEVNULL,
