@@ -317,13 +317,19 @@ def _fmt(value: float, percent: bool) -> str:
     return f"{100 * value:.2f}" if percent else f"{value:.4f}"
 
 
+def skip_reasons(skipped_by_reason: dict[str, int]) -> str:
+    """ "label_size_mismatch: 9, unreadable: 1": the reasons of an evaluation's skipped rows, in name order."""
+    return ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped_by_reason.items()))
+
+
 def _skipped_note(report: EvalReport) -> str:
     """ ", of 59 rows read; 9 skipped (label_size_mismatch: 9)", or "" when every row was used."""
     if not report.skipped_samples:
         return ""
-    reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(report.skipped_by_reason.items()))
     seen = report.num_samples + report.skipped_samples
-    return f" of {seen} rows read; {report.skipped_samples} skipped ({reasons})"
+    return (
+        f" of {seen} rows read; {report.skipped_samples} skipped ({skip_reasons(report.skipped_by_reason)})"
+    )
 
 
 def eval_sections(inputs: CardInputs, report: EvalReport) -> dict[str, str]:

@@ -18,6 +18,7 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from densecl_vit.hub_cards.cards import skip_reasons
 from densecl_vit.training.engine.exits import user_errors
 from densecl_vit.training.engine.setup import cli_main, setup_errors
 from densecl_vit.training.evaluation.shared import EvaluateConfig, write_eval_results
@@ -29,8 +30,7 @@ def summary(cfg: EvaluateConfig, report: dict[str, Any]) -> str:
     shown = ", ".join(f"{name} {value:.4f}" for name, value in report["metrics"].items())
     counts = f"{report['num_samples']} of {report['examples_seen']} rows used"
     if report["skipped_samples"]:
-        reasons = ", ".join(f"{reason}: {n}" for reason, n in report["skipped_by_reason"].items())
-        counts += f" ({report['skipped_samples']} skipped: {reasons})"
+        counts += f" ({report['skipped_samples']} skipped: {skip_reasons(report['skipped_by_reason'])})"
     protocol = report["protocol"].get("name")
     return f"{cfg.model} on {cfg.dataset} [{cfg.split}], {protocol} protocol, {counts}: {shown}"
 
@@ -40,6 +40,7 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     task = segmentation if cfg.task == "segmentation" else depth
     with setup_errors(), user_errors():  # an empty or unreadable --model folder: exit status 2
         report = task.evaluate_folder(cfg, accelerator)
+    report["protocol"] = {"name": cfg.protocol_name(), **report["protocol"]}
     if accelerator.is_main_process:
         paths = cfg.results_paths()
         for path in paths:

@@ -4,14 +4,17 @@ The scripts run in this process (`load_script`), as `python scripts/NAME.py` wou
 
 import argparse
 import dataclasses
+import os
 
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 from helpers import load_script, save_encoder, write_segmentation_dataset
 from huggingface_hub.errors import HfHubHTTPError
 
 from densecl_vit.modeling import DenseCLViTForSemanticSegmentation, DenseCLViTImageProcessor
+from densecl_vit.training.engine.exits import exit_status
 
 
 def _training_cli(name: str, config: str):
@@ -203,3 +206,19 @@ def test_every_option_of_a_config_script_has_help(script):
     cls = getattr(load_script(script), CONFIG_SCRIPTS[script])
     fields = dataclasses.fields(cls)
     assert fields and not [f.name for f in fields if not f.metadata.get("help", "").strip()]
+
+
+def test_every_cli_refuses_an_unsafe_pickle_in_one_line(tmp_path, capsys):
+    """A pickle torch.load(weights_only=True) refuses, wherever a script meets it, ends in the same one line."""
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    evil = tmp_path / "pytorch_model.bin"
+    torch.save({"payload": RunsCode()}, evil)
+    assert exit_status(lambda: torch.load(evil, weights_only=True)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: refused to load") and str(evil) in err
+    assert "posix.system" in err and "safetensors" in err and "weights_only" not in err
+    assert not (tmp_path / "ran").exists()

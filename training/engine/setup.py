@@ -41,8 +41,8 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from ..data.decoding import DataError, SkipCounter
 from ..data.loader import StreamLoader, build_dataloader
 from ..data.streaming import StreamingSamples
-from ..interop.weight_files import unpickled_file, unpickling_refusal
 from .config import config_to_dict, option, run_cli
+from .exits import one_line
 from .guards import TrainingDiverged
 
 T = TypeVar("T")
@@ -179,16 +179,11 @@ def cli_main(main_fn: Callable[[T], Any], cls: type[T], argv: Sequence[str] | No
     """Parse and validate `cls` (`run_cli`), run `main_fn`, and return the process exit status."""
     try:
         run_cli(main_fn, cls, argv)
-    except SetupError as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    except (
-        pickle.UnpicklingError
-    ) as err:  # a pickle torch.load(weights_only=True) refused, e.g. in from_pretrained
-        print(f"error: {unpickling_refusal(unpickled_file(err), err)}", file=sys.stderr)
+    except (SetupError, pickle.UnpicklingError) as err:  # a refused pickle: e.g. in from_pretrained
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     except (DataError, TrainingDiverged) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 1
     return 0
 

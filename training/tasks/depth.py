@@ -261,7 +261,7 @@ def training_settings(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def evaluate_folder(cfg: EvaluateConfig, accelerator: Accelerator) -> dict[str, Any]:
     """Evaluate a fine-tuned depth folder with the protocol `cfg` names (depth range: the model's); returns the
-    eval_results.json fields."""
+    eval_results.json fields (the protocol's name is the caller's to add)."""
     model = load_finetuned(DenseCLViTForDepthEstimation, cfg.model).to(accelerator.device)
     settings = cfg.protocol_settings(NYU_SETTINGS, training_settings)
     check_eval_size(settings["eval_size"], model.config.patch_size)
@@ -275,6 +275,4 @@ def evaluate_folder(cfg: EvaluateConfig, accelerator: Accelerator) -> dict[str, 
         settings["eval_size"],
     )
     source = open_eval_source(cfg, cfg.split, resolve_columns, cfg.max_samples, progress=cfg.progress)
-    report = evaluation_report(model, source, accelerator, protocol, settings["depth_scale"])
-    report["protocol"] = {"name": cfg.protocol_name(), **report["protocol"]}
-    return report
+    return evaluation_report(model, source, accelerator, protocol, settings["depth_scale"])

@@ -367,7 +367,7 @@ def folder_protocol(cfg: EvaluateConfig, model: nn.Module) -> SegmentationProtoc
 
 def evaluate_folder(cfg: EvaluateConfig, accelerator: Accelerator) -> dict[str, Any]:
     """Evaluate a fine-tuned segmentation folder with the protocol `cfg` names; returns the eval_results.json
-    fields."""
+    fields (the protocol's name is the caller's to add)."""
     model = load_finetuned(DenseCLViTForSemanticSegmentation, cfg.model).to(accelerator.device)
     protocol = folder_protocol(cfg, model)
     if protocol.stride > protocol.window:
@@ -375,6 +375,4 @@ def evaluate_folder(cfg: EvaluateConfig, accelerator: Accelerator) -> dict[str, 
             f"stride {protocol.stride} must not exceed the window {protocol.window}; set --stride"
         )
     source = open_eval_source(cfg, cfg.split, resolve_columns, cfg.max_samples, progress=cfg.progress)
-    report = evaluation_report(model, source, accelerator, protocol)
-    report["protocol"] = {"name": cfg.protocol_name(), **report["protocol"]}
-    return report
+    return evaluation_report(model, source, accelerator, protocol)
