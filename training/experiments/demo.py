@@ -34,6 +34,7 @@ import torch
 from transformers.utils import logging as transformers_logging
 
 from ...modeling.configuration_densecl_vit import parse_pretraining_loss
+from ..data.loader import available_cpus
 from ..data.synthetic.dataset import dataset_is_complete, load_synthetic_dataset, write_dataset
 from ..engine.exits import StageInterrupted
 from ..engine.runlog import read_json, write_json
@@ -144,8 +145,7 @@ def torch_threads(num_threads: int | None, num_workers: int) -> Iterator[int]:
     """Run a block with `num_threads` torch threads (None: the CPUs left by `num_workers` data loader workers,
     at least one), then restore the previous count. More threads than free cores make every step wait for the
     slowest, descheduled thread: on 2 cores with one loader worker, one thread is several times faster."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = num_threads if num_threads is not None else max(1, cpus - num_workers)
+    threads = num_threads if num_threads is not None else max(1, available_cpus() - num_workers)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
