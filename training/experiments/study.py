@@ -12,9 +12,9 @@ The unlabelled pool, the labelled scenes and the validation scenes are disjoint 
 different seeds). A longer budget (`longer_factor` x the steps) repeats global, the paper's loss and the best
 arm; a secondary protocol fine-tunes whole encoders on the full labelled split.
 
-Each run is the project's own run called in-process on its typed options (`demo.run_stage`), `jobs` at a time in worker
-processes. Finished runs are skipped when the study starts again, stopped ones resume from their checkpoint,
-and the report is rewritten after every finished run. Outputs in the study folder::
+Each run is the project's own run called in-process on its typed options (`demo.run_stage`), `jobs` at a
+time in worker processes. Finished runs are skipped when the study starts again, stopped ones resume from their
+checkpoint, and the report is rewritten after every finished run. Outputs in the study folder::
 
     data/pool  data/labelled                      the two datasets
     runs/ARM/seed-K[-xF]/{pretrain,probes.json}   one encoder and its probe results (F: budget factor)
@@ -48,6 +48,7 @@ from ...modeling import DenseCLViTConfig, DenseCLViTImageProcessor, DenseCLViTMo
 from ..data.transforms.two_view import IMAGENET_MEAN, IMAGENET_STD
 from ..engine.checkpoint import complete_checkpoints
 from ..engine.config import config_to_dict
+from ..engine.exits import StageInterrupted
 from ..engine.runlog import read_json, write_json
 from ..tasks import depth, segmentation
 from ..tasks.model_start import model_source
@@ -55,7 +56,6 @@ from ..tasks.pretraining import main as pretrain_main
 from .demo import (
     QUICK,
     DemoSettings,
-    StageInterrupted,
     depth_config,
     ensure_dataset,
     loss_curve,
