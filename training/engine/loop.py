@@ -165,9 +165,8 @@ def _save(
     signature: Mapping,
     loss_window: list[float],
 ) -> None:
-    trainer = {k: v for k, v in state.to_dict().items() if k != "loss_window"}
     extra = {
-        "trainer": trainer,
+        "trainer": state.to_dict(),
         "data_states": gather_object([loader.state_dict()]),  # one stream position per process
         "loss_windows": gather_object([loss_window]),  # each process's sums since the last log
         "config": dict(signature),

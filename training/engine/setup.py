@@ -141,7 +141,8 @@ class TrainerState:
     loss_window: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.0])
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields all processes share; a checkpoint keeps `loss_window` apart, one per process."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "loss_window"}
 
     @classmethod
     def from_dict(cls, state: Mapping[str, Any]) -> TrainerState:
