@@ -59,16 +59,11 @@ def _check_negatives(
         )
 
 
-def _logits(similarity: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Similarities in at least float32 (float64 stays float64), divided by the temperature."""
-    return similarity.to(torch.promote_types(similarity.dtype, torch.float32)) / temperature
-
-
 def _similarity_logits(equation: str, temperature: float, *operands: torch.Tensor) -> torch.Tensor:
     """`einsum(equation, *operands) / temperature` with the product itself in at least float32, autocast or not.
 
     Rounding the product of bf16/fp16 embeddings (or letting autocast run it in half precision) puts a logit
-    near 1 / t = 10 on a grid of 1/16 in bf16; the operands are widened first, as the local-local term does.
+    near 1 / t = 10 on a grid of 1/16 in bf16; so every loss term takes its products here, operands widened first.
     """
     dtype = torch.promote_types(operands[0].dtype, torch.float32)
     with torch.autocast(operands[0].device.type, enabled=False):
@@ -250,10 +245,9 @@ def _matched_losses(
 ) -> torch.Tensor:
     """sum_k weight_k * (logsumexp_m(a_k.c_m / t) - a_k.c_pos(k) / t) for (K, D) anchors, (M, D) candidates.
 
-    The product runs in the operands' dtype (float32 at least) even under autocast, which would take it in
-    bf16/fp16: neighbouring patches have cosines near 1, and a bf16 logit at t = 0.1 is off by ~0.04."""
-    with torch.autocast(anchors.device.type, enabled=False):
-        logits = _logits(anchors @ candidates.T, temperature)  # (K, M)
+    Neighbouring patches have cosines near 1, so the product must not be taken in bf16/fp16 (`_similarity_logits`).
+    """
+    logits = _similarity_logits("kd,md->km", temperature, anchors, candidates)  # (K, M)
     losses = torch.logsumexp(logits, dim=1) - logits.gather(1, positive[:, None])[:, 0]  # (K,)
     return (losses * weight).sum()
 
@@ -270,12 +264,13 @@ def _dense_direction(
 
     anchors (B, N1, D), candidates (B_all, N2, D), match (B, N1) from `match_patches`. Unmatched anchors are
     weighted 0 rather than dropped, so the step never waits for the host to learn how many matched. Each chunk
-    of `chunk_size` anchors (None: sized by the number of candidates) is checkpointed: its (chunk, B_all * N2) logits are recomputed in the backward pass
-    instead of being kept, so memory grows with the chunk, not with (B * N)^2.
+    of `chunk_size` anchors (None: sized by the number of candidates) is checkpointed: its (chunk, B_all * N2)
+    logits are recomputed in the backward pass instead of being kept, so memory grows with the chunk, not with
+    (B * N)^2.
     """
     batch = torch.arange(match.shape[0], device=match.device)[:, None] + batch_offset  # (B, 1)
     positive = (batch * candidates.shape[1] + match.clamp_min(0)).flatten()  # (B * N1,) flat candidate column
-    dtype = torch.promote_types(candidates.dtype, torch.float32)  # half-precision products taken in float32
+    dtype = torch.promote_types(candidates.dtype, torch.float32)  # widened once, not per chunk
     rows, flat = anchors.flatten(0, 1).to(dtype), candidates.flatten(0, 1).to(dtype)
     weight = (match >= 0).flatten().to(dtype)
     recompute = torch.is_grad_enabled() and (rows.requires_grad or flat.requires_grad)
